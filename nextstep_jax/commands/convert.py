@@ -1,0 +1,39 @@
+"""`nextstep-jax convert {qwen,vae,nextstep}` and `nextstep-jax convert export-…`: weight conversion both ways."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser("convert", help="convert weights into (or out of) nextstep_jax checkpoints")
+  kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+  q = kinds.add_parser("qwen", help="HF Qwen2/Qwen2.5 directory → model directory (Orbax params + config)")
+  _io_args(q)
+  q.set_defaults(func=_qwen)
+
+  qe = kinds.add_parser("export-qwen", help="model directory → HF Qwen2 safetensors + config.json")
+  _io_args(qe)
+  qe.add_argument("--max-shard-gb", type=float, default=4.0)
+  qe.set_defaults(func=_export_qwen)
+
+
+def _io_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--src", required=True, help="source directory")
+  p.add_argument("--dst", required=True, help="destination directory")
+  p.add_argument("--dtype", default=None, help="output dtype: float32, bfloat16, float16 (default: keep)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+
+def _qwen(args) -> int:
+  from nextstep_jax.convert.qwen import convert_qwen
+  cfg = convert_qwen(args.src, args.dst, args.dtype, overwrite=args.overwrite)
+  print(f"converted {args.src} → {args.dst} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})")
+  return 0
+
+
+def _export_qwen(args) -> int:
+  from nextstep_jax.convert.qwen import export_qwen
+  files = export_qwen(args.src, args.dst, args.dtype, int(args.max_shard_gb * (1 << 30)))
+  print(f"exported {args.src} → {', '.join(str(f) for f in files)}")
+  return 0

@@ -1,0 +1,127 @@
+"""Params-only Orbax checkpoints — the format converters write, `train` exports, and `sample` loads.
+
+A model directory holds `nextstep_config.json` (the `model` / `vae` config sections) and one Orbax pytree per
+parameter set (`params/`, `vae_params/`). Writes stream: leaves are grouped into partial saves of at most
+`group_bytes`, so host memory stays near one tensor rather than the model. Reads restore either the whole tree
+onto given shardings or single leaves (for export), never more than asked.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+CONFIG_NAME = "nextstep_config.json"
+_STATE = "state"  # the sub-directory Orbax v1 pytree saves use
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """A model directory or one of its parameter sets is missing."""
+
+
+def _state_dir(path: str | os.PathLike) -> Path:
+  path = Path(path)
+  if (path / _STATE).is_dir():
+    return path / _STATE
+  raise CheckpointNotFoundError(f"no Orbax parameter checkpoint at {path}; convert or export a model there first "
+                                f"(nextstep-jax convert … --dst DIR)")
+
+
+def save_params_streaming(path: str | os.PathLike, leaves: Iterable[tuple[tuple[str, ...], np.ndarray]],
+                          group_bytes: int = 256 << 20, overwrite: bool = False) -> int:
+  """Writes (path tuple, array) pairs as one Orbax pytree, holding at most ~group_bytes (or one leaf) at a time.
+
+  The checkpoint appears at `path` only when complete (Orbax finalize renames a temporary directory).
+  Returns the number of bytes written.
+  """
+  from orbax.checkpoint.experimental import v1 as ocp_v1
+
+  path = Path(path)
+  if path.exists():
+    if not overwrite:
+      raise FileExistsError(f"{path} already exists; choose a new destination or remove it")
+    shutil.rmtree(path)
+  group: dict[tuple[str, ...], np.ndarray] = {}
+  size = total = 0
+  started = False
+
+  def flush():
+    nonlocal group, size, started
+    if group:
+      ocp_v1.partial.save(path, traverse_util.unflatten_dict(group))
+      started = True
+    group, size = {}, 0
+
+  for key, value in leaves:
+    if group and size + value.nbytes > group_bytes:
+      flush()
+    group[tuple(key)] = value
+    size += value.nbytes
+    total += value.nbytes
+  flush()
+  if not started:
+    raise ValueError(f"nothing to save at {path}")
+  ocp_v1.partial.finalize(path)
+  return total
+
+
+def save_params(path: str | os.PathLike, params: Any, overwrite: bool = True) -> None:
+  """Saves a whole (possibly sharded) params tree; leaves are fetched to host one group at a time."""
+  flat = traverse_util.flatten_dict(params)
+  save_params_streaming(path, ((k, np.asarray(jax.device_get(v))) for k, v in flat.items()), overwrite=overwrite)
+
+
+def param_metadata(path: str | os.PathLike) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+  """Flat {path tuple: (shape, dtype)} read from the checkpoint's metadata (no tensor data)."""
+  md = ocp.PyTreeCheckpointer().metadata(_state_dir(path))
+  tree = getattr(md, "item_metadata", md)
+  tree = getattr(tree, "tree", tree)
+  flat = traverse_util.flatten_dict(tree, is_leaf=lambda _, v: hasattr(v, "shape") and hasattr(v, "dtype"))
+  return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()}
+
+
+def load_params(path: str | os.PathLike, target: Any = None) -> Any:
+  """Restores a params tree. `target`: tree of `jax.ShapeDtypeStruct`s carrying shardings (restored as
+  sharded jax.Arrays, dtypes cast), or None for host numpy arrays in their stored dtypes."""
+  state = _state_dir(path)
+  if target is None:
+    meta = param_metadata(path)
+    item = traverse_util.unflatten_dict({k: 0 for k in meta})
+    restore_args = traverse_util.unflatten_dict({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in meta})
+    return ocp.PyTreeCheckpointer().restore(state, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+  return ocp.StandardCheckpointer().restore(state, target)
+
+
+def load_leaf(path: str | os.PathLike, key: tuple[str, ...]) -> np.ndarray:
+  """Reads a single parameter (host numpy) without touching the others."""
+  item = traverse_util.unflatten_dict({tuple(key): 0})
+  args = traverse_util.unflatten_dict({tuple(key): ocp.RestoreArgs(restore_type=np.ndarray)})
+  out = ocp.PyTreeCheckpointer().restore(_state_dir(path), args=ocp.args.PyTreeRestore(
+      item=item, restore_args=args, partial_restore=True))
+  return traverse_util.flatten_dict(out)[tuple(key)]
+
+
+def write_model_config(model_dir: str | os.PathLike, sections: dict[str, Any]) -> None:
+  """Writes `nextstep_config.json` ({"model": {...}, "vae": {...}, ...}); dataclasses are converted."""
+  import dataclasses
+  model_dir = Path(model_dir)
+  model_dir.mkdir(parents=True, exist_ok=True)
+  plain = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in sections.items()}
+  tmp = model_dir / (CONFIG_NAME + ".tmp")
+  tmp.write_text(json.dumps(plain, indent=2, sort_keys=True))
+  os.replace(tmp, model_dir / CONFIG_NAME)
+
+
+def read_model_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+  f = Path(model_dir) / CONFIG_NAME
+  if not f.is_file():
+    raise CheckpointNotFoundError(f"{model_dir} is not a nextstep_jax model directory (no {CONFIG_NAME}); "
+                                  f"pass the --dst of a conversion or a training export")
+  return json.loads(f.read_text())

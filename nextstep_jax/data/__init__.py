@@ -1,1 +1,1 @@
-"""data package."""
+"""Data: synthetic shapes, TFDS ArrayRecord builders, Grain pipelines, buckets and packing, latent caching."""

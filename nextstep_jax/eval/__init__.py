@@ -1,1 +1,1 @@
-"""eval package."""
+"""Evaluation: shapes mini-GenEval scorer, Fréchet/KID math, GenEval / DPG-Bench exporters."""

@@ -1,1 +1,1 @@
-"""sampling package."""
+"""Sampling: flow head samplers, CFG, the jitted generate program."""

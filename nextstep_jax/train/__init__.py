@@ -1,1 +1,1 @@
-"""train package."""
+"""Training: state, sharded step, optimizer and schedules, loop, checkpoints, metrics, DPO."""

@@ -52,7 +52,6 @@ class ModelConfig:
   # --- execution
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"  # master weights
-  scan_layers: bool = True
   remat_policy: str = "none"
   attention_impl: str = "auto"
   # --- NextStep-1
@@ -252,3 +251,25 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
   return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+# ----------------------------------------------------------------------------------------------- experiments
+
+
+def mesh_section(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn_data: int = 1, dcn_fsdp: int = 1,
+                 dcn_tensor: int = 1) -> ml_collections.ConfigDict:
+  """`config.mesh`: ici sizes per axis (-1 = the rest of the devices) and dcn (multislice) sizes."""
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, dcn_data=dcn_data, dcn_fsdp=dcn_fsdp,
+                                        dcn_tensor=dcn_tensor))
+
+
+def experiment(model: dict, vae: dict | None = None, **sections: Any) -> ml_collections.ConfigDict:
+  """A full experiment ConfigDict: `model` and `vae` hold every dataclass field (so overrides type-check),
+  `mesh` the device mesh; extra keyword sections (train, data, sample, …) are added as given."""
+  cfg = ml_collections.ConfigDict()
+  cfg.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig(**model).validate()))
+  cfg.vae = ml_collections.ConfigDict(dataclasses.asdict(VAEConfig(**(vae or {})).validate()))
+  cfg.mesh = mesh_section()
+  for name, value in sections.items():
+    cfg[name] = value if isinstance(value, ml_collections.ConfigDict) else ml_collections.ConfigDict(value)
+  return cfg

@@ -109,11 +109,14 @@ def load_leaf(path: str | os.PathLike, key: tuple[str, ...]) -> np.ndarray:
 
 
 def write_model_config(model_dir: str | os.PathLike, sections: dict[str, Any]) -> None:
-  """Writes `nextstep_config.json` ({"model": {...}, "vae": {...}, ...}); dataclasses are converted."""
+  """Writes/updates `nextstep_config.json` ({"model": {...}, "vae": {...}, ...}); given sections replace existing
+  ones, others are kept. Dataclasses are converted."""
   import dataclasses
   model_dir = Path(model_dir)
   model_dir.mkdir(parents=True, exist_ok=True)
-  plain = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in sections.items()}
+  existing = read_model_config(model_dir) if (model_dir / CONFIG_NAME).is_file() else {}
+  plain = dict(existing, **{k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                            for k, v in sections.items()})
   tmp = model_dir / (CONFIG_NAME + ".tmp")
   tmp.write_text(json.dumps(plain, indent=2, sort_keys=True))
   os.replace(tmp, model_dir / CONFIG_NAME)

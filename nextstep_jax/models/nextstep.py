@@ -1,0 +1,177 @@
+"""NextStep-1: Qwen2 causal LM + image in/out projectors + flow-matching head, and its training loss.
+
+Parameter tree = Qwen2ForCausalLM's (`backbone`, `lm_head`) plus `image_in_projector` (token_dim → D),
+`image_out_projector` (D → D) and `image_head` (FlowHead).
+
+Batch contract (training; B rows, L positions, T image-token slots per row):
+  input_ids (B, L) int32 with `image_placeholder_id` where image tokens go; attention_mask (B, L) 1 = real;
+  positions (B, L) RoPE positions; labels (B, L) (−100 = ignore; position j predicts labels[j+1]);
+  image_tokens (B, T, token_dim) filling the row's placeholders in order; image_loss_mask (B, T).
+The hidden state at position j conditions the image token at position j+1.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nextstep_jax import sharding
+from nextstep_jax.config import ModelConfig
+from nextstep_jax.models.fm_head import FlowHead
+from nextstep_jax.models.layers import dense, to_dtype
+from nextstep_jax.models.qwen2 import Qwen2ForCausalLM
+
+IGNORE = -100
+
+
+def sincos_2d_table(dim: int, grid: int) -> np.ndarray:
+  """MAE-style 2-D sin-cos table (grid·grid, dim): [emb_h ‖ emb_w], each [sin ‖ cos] (official gen_pos_embed)."""
+  def one_d(d, pos):
+    omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+  gw, gh = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
+  return np.concatenate([one_d(dim // 2, gw), one_d(dim // 2, gh)], axis=1).astype(np.float32)
+
+
+def placeholder_slots(ids_BxL: jax.Array, placeholder_id: int, num_slots: int) -> tuple[jax.Array, jax.Array]:
+  """Positions of the first `num_slots` placeholders per row (B, T) and whether each slot is real (B, T)."""
+  is_ph = ids_BxL == placeholder_id
+  pos = jax.vmap(lambda m: jnp.nonzero(m, size=num_slots, fill_value=0)[0])(is_ph)
+  valid = jnp.arange(num_slots)[None, :] < jnp.sum(is_ph, axis=1, keepdims=True)
+  return pos.astype(jnp.int32), valid
+
+
+class NextStep(Qwen2ForCausalLM):
+  """NextStep-1 model. Methods are applied with `model.apply(params, ..., method=...)`."""
+
+  def setup(self):
+    super().setup()
+    cfg = self.cfg
+    kw = dict(use_bias=True, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
+              kernel_init=nn.initializers.normal(0.02))
+    self.image_in_projector = dense(cfg.hidden_size, ("token",), ("embed",), name="image_in_projector", **kw)
+    self.image_out_projector = dense(cfg.hidden_size, ("embed",), ("mlp",), name="image_out_projector", **kw)
+    self.image_head = FlowHead(cfg)
+
+  # ------------------------------------------------------------------------------------------- pieces
+
+  def embed_inputs(self, ids_BxL: jax.Array, image_tokens_BxTxK: jax.Array | None = None) -> jax.Array:
+    """Token embeddings with placeholder positions replaced, in order, by image_in_projector(image_tokens)."""
+    emb = self.backbone.embed(ids_BxL)
+    if image_tokens_BxTxK is None or image_tokens_BxTxK.shape[1] == 0:
+      return emb
+    is_ph = ids_BxL == self.cfg.image_placeholder_id
+    slot = jnp.clip(jnp.cumsum(is_ph, axis=1) - 1, 0, image_tokens_BxTxK.shape[1] - 1)
+    proj = self.image_in_projector(image_tokens_BxTxK.astype(emb.dtype))
+    return jnp.where(is_ph[..., None], jnp.take_along_axis(proj, slot[..., None], axis=1), emb)
+
+  def embed_image_token(self, tok_BxK: jax.Array) -> jax.Array:
+    """(B, token_dim) → (B, 1, D): the next decoder input during sampling."""
+    return self.image_in_projector(tok_BxK.astype(to_dtype(self.cfg.dtype)))[:, None, :]
+
+  def condition(self, h_NxD: jax.Array, token_index_N: jax.Array | None = None, grid_w: int | None = None):
+    """Head condition from final-normed hidden states: (+ gen_pos_embed) → image_out_projector (config)."""
+    cfg = self.cfg
+    if cfg.use_gen_pos_embed and token_index_N is not None:
+      table = jnp.asarray(sincos_2d_table(cfg.hidden_size, cfg.base_image_grid_size))
+      w = grid_w or cfg.base_image_grid_size
+      row, col = token_index_N // w, token_index_N % w
+      h_NxD = h_NxD + table[row * cfg.base_image_grid_size + col].astype(h_NxD.dtype)
+    return self.image_out_projector(h_NxD) if cfg.head_uses_out_projector else h_NxD
+
+  def velocity(self, x_NxK: jax.Array, t_N: jax.Array, c_NxD: jax.Array) -> jax.Array:
+    return self.image_head(x_NxK, t_N, c_NxD)
+
+  def hidden(self, embeds_BxLxD, key_valid_BxS, positions_BxL=None, cache=None, cache_index=0):
+    return self.backbone(embeds_BxLxD, key_valid_BxS, positions_BxL, cache, cache_index)
+
+  def __call__(self, ids_BxL, image_tokens_BxTxK=None, attention_mask_BxL=None, positions_BxL=None):
+    """Full forward (also used for init): returns (fp32 logits (B, L, V), final-normed hidden (B, L, D)).
+
+    Touches the head once so that `init` creates every parameter."""
+    if attention_mask_BxL is None:
+      attention_mask_BxL = jnp.ones(ids_BxL.shape, bool)
+    h, _ = self.backbone(self.embed_inputs(ids_BxL, image_tokens_BxTxK), attention_mask_BxL, positions_BxL)
+    if self.is_initializing():
+      c = self.condition(h[:, 0])
+      self.velocity(jnp.zeros((h.shape[0], self.cfg.token_dim), jnp.float32), jnp.zeros((h.shape[0],)), c)
+    return self.logits(h), h
+
+  # ------------------------------------------------------------------------------------------- loss
+
+  def loss_terms(self, batch: dict[str, jax.Array], rng: jax.Array | None = None,
+                 fm_noise: jax.Array | None = None, fm_u: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Un-normalised loss sums and counts for one (micro-)batch.
+
+    Returns ce_sum, ce_count, fm_sum, fm_count (fp32 scalars). The flow-matching draws are replica-major:
+    noise (mul·B·T, token_dim) and u (mul·B·T,), drawn from `rng` unless given (parity tests inject them).
+    """
+    cfg = self.cfg
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    image_tokens = batch["image_tokens"]
+    b, t_slots = image_tokens.shape[:2]
+    h, _ = self.backbone(self.embed_inputs(ids, image_tokens), mask, batch.get("positions"))
+
+    # text: position j predicts labels[j+1], unless that target is an image placeholder or ignored
+    labels = batch["labels"][:, 1:]
+    ce_valid = (labels != IGNORE) & (ids[:, 1:] != cfg.image_placeholder_id)
+    logits = self.logits(h[:, :-1])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.clip(labels, 0)[..., None], axis=-1)[..., 0]
+    ce_sum = jnp.sum(jnp.where(ce_valid, nll, 0.0))
+
+    # image: the hidden before each placeholder conditions that placeholder's token
+    slots, slot_valid = placeholder_slots(ids, cfg.image_placeholder_id, t_slots)
+    h_cond = jnp.take_along_axis(h, jnp.maximum(slots - 1, 0)[..., None], axis=1)  # (B, T, D)
+    k_index = jnp.broadcast_to(jnp.arange(t_slots)[None], (b, t_slots)).reshape(-1)
+    cond = self.condition(h_cond.reshape(b * t_slots, -1), k_index)
+    weight = (slot_valid & (batch["image_loss_mask"] > 0)).astype(jnp.float32).reshape(-1)
+    mul = cfg.fm_head_batch_mul
+    x1 = jnp.tile(image_tokens.reshape(b * t_slots, -1).astype(jnp.float32), (mul, 1))
+    if fm_noise is None or fm_u is None:
+      k_noise, k_u = jax.random.split(rng)
+      fm_noise = jax.random.normal(k_noise, x1.shape, jnp.float32)
+      fm_u = jax.random.normal(k_u, (x1.shape[0],), jnp.float32)
+    t = jax.nn.sigmoid(fm_u)
+    x_t = t[:, None] * x1 + (1 - t[:, None]) * fm_noise
+    pred = self.velocity(x_t, t, jnp.tile(cond, (mul, 1)))
+    per_token = jnp.mean(jnp.square(pred - (x1 - fm_noise)), axis=-1)
+    w = jnp.tile(weight, (mul,))
+    return {"ce_sum": ce_sum, "ce_count": jnp.sum(ce_valid).astype(jnp.float32),
+            "fm_sum": jnp.sum(per_token * w), "fm_count": jnp.sum(w)}
+
+
+def loss_counts(cfg: ModelConfig, batch: dict[str, Any]) -> dict[str, jax.Array]:
+  """The normalisers of a whole (global) batch, computed from masks alone (no model)."""
+  ids, labels = batch["input_ids"], batch["labels"]
+  ce = jnp.sum((labels[:, 1:] != IGNORE) & (ids[:, 1:] != cfg.image_placeholder_id))
+  slots, slot_valid = placeholder_slots(ids, cfg.image_placeholder_id, batch["image_tokens"].shape[1])
+  fm = jnp.sum(slot_valid & (batch["image_loss_mask"] > 0)) * cfg.fm_head_batch_mul
+  return {"ce_count": ce.astype(jnp.float32), "fm_count": fm.astype(jnp.float32)}
+
+
+def combine_losses(cfg: ModelConfig, terms: dict[str, jax.Array], counts: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """total = lm_w · ce_sum/ce_count + im_w · fm_sum/(fm_count + 1e-8) (official normalisation)."""
+  ce = terms["ce_sum"] / jnp.maximum(counts["ce_count"], 1.0)
+  fm = terms["fm_sum"] / (counts["fm_count"] + 1e-8)
+  return {"loss": cfg.lm_loss_weight * ce + cfg.im_loss_weight * fm, "text_loss": ce, "image_loss": fm}
+
+
+def init_fn(cfg: ModelConfig, nextstep: bool = True):
+  """(module, init(rng) → boxed variables) for the NextStep model (or the plain Qwen2 LM)."""
+  model = NextStep(cfg) if nextstep else Qwen2ForCausalLM(cfg)
+  ids = jnp.zeros((1, 2), jnp.int32)
+  if nextstep:
+    toks = jnp.zeros((1, 1, cfg.token_dim), jnp.float32)
+    return model, lambda rng: model.init(rng, ids, toks)
+  return model, lambda rng: model.init(rng, ids)
+
+
+def abstract_params(cfg: ModelConfig, nextstep: bool = True):
+  """(ShapeDtypeStruct tree, logical-names tree) of the model parameters — nothing is allocated."""
+  _, init = init_fn(cfg, nextstep)
+  return sharding.abstract_with_names(init, jax.random.key(0))

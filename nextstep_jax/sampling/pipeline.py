@@ -1,0 +1,204 @@
+"""User-facing sampling: prompts → CFG rows (left-padded to a length bucket) → one compiled program → images.
+
+    sampler = Sampler.from_checkpoint("ckpt/")            # a converted or exported model directory
+    out = sampler.text_to_image(["a red cube"], Options(height=512, width=512, seed=0))
+    out.images  # uint8 (N, H, W, 3)
+
+Official defaults (spec §4.2): cfg 7.5, 50 steps, constant schedule, use_norm; text-to-image shift 1.0 with the
+positive/negative prompts below; editing cfg_img 2.0, shift 3.2, negative prompt "Copy original image.".
+Programs are cached per (rows, prompt bucket, source grid, token grid, sampler): a new prompt of another length in
+the same bucket, a new seed or new cfg values run without recompiling.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nextstep_jax import params_io, sharding
+from nextstep_jax.config import ModelConfig, VAEConfig
+from nextstep_jax.sampling import flow
+from nextstep_jax.sampling.generate import Spec, compiled_program
+
+T2I_POSITIVE = "masterpiece, film grained, best quality."
+T2I_NEGATIVE = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, "
+                "worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry.")
+EDIT_NEGATIVE = "Copy original image."
+DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  height: int = 512
+  width: int = 512
+  cfg: float = 7.5
+  cfg_img: float = 2.0
+  cfg_schedule: str = "constant"
+  steps: int = 50
+  shift: float | None = None  # None: 1.0 for text-to-image, 3.2 for editing
+  method: str = "sde_a"
+  use_norm: bool = True
+  positive_prompt: str | None = T2I_POSITIVE  # text-to-image only
+  negative_prompt: str | None = None  # None: the official default of the mode
+  num_images_per_prompt: int = 1
+  seed: int = 0
+  buckets: tuple[int, ...] = DEFAULT_BUCKETS
+  decode: bool = True
+
+  def validate(self) -> "Options":
+    if self.cfg < 1 or self.cfg_img < 1:
+      raise ValueError(f"cfg={self.cfg}, cfg_img={self.cfg_img}: guidance scales must be ≥ 1 (1 disables guidance)")
+    if self.num_images_per_prompt < 1:
+      raise ValueError("num_images_per_prompt must be ≥ 1")
+    flow.guidance_scale(jnp.float32(1), self.cfg_schedule, 0, 1)  # raises on an unknown schedule
+    return self
+
+
+@dataclasses.dataclass
+class Result:
+  images: np.ndarray | None  # uint8 (N, H, W, 3)
+  tokens: np.ndarray  # (N, n, token_dim)
+  compile_s: float
+  run_s: float
+  extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+class Sampler:
+  """Holds params (optionally sharded over `mesh`), the tokenizer and the compiled programs."""
+
+  def __init__(self, cfg: ModelConfig, params: Any, vae_cfg: VAEConfig | None, vae_params: Any,
+               tokenizer: Any = None, mesh: jax.sharding.Mesh | None = None, param_shardings: Any = None):
+    self.cfg, self.params, self.vae_cfg, self.vae_params = cfg, params, vae_cfg, vae_params
+    self.tokenizer, self.mesh, self.param_shardings = tokenizer, mesh, param_shardings
+    self._compiled: dict[tuple, Any] = {}
+    self.compile_count = 0
+
+  @classmethod
+  def from_checkpoint(cls, model_dir: str | Path, mesh: jax.sharding.Mesh | None = None,
+                      compute_dtype: str | None = None) -> "Sampler":
+    """Loads a model directory (`nextstep_config.json`, `params/`, `vae_params/`, `tokenizer/`)."""
+    from nextstep_jax.models.nextstep import abstract_params
+    model_dir = Path(model_dir)
+    meta = params_io.read_model_config(model_dir)
+    cfg = ModelConfig.from_dict(dict(meta["model"], **({"dtype": compute_dtype} if compute_dtype else {})))
+    abstract, names = abstract_params(cfg)
+    mesh = mesh or sharding.mesh_from_shape((1, 1, 1), jax.devices()[:1])
+    shardings = sharding.tree_shardings(names, abstract, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    params = params_io.load_params(model_dir / "params", target)
+    vae_cfg = vae_params = None
+    if "vae" in meta and (model_dir / "vae_params").is_dir():
+      vae_cfg = VAEConfig.from_dict(meta["vae"])
+      vae_params = params_io.load_params(model_dir / "vae_params")
+    tokenizer = None
+    if (model_dir / "tokenizer").is_dir():
+      from nextstep_jax.tokens import NextStepTokenizer
+      tokenizer = NextStepTokenizer(model_dir / "tokenizer").check_model_config(cfg)
+    return cls(cfg, params, vae_cfg, vae_params, tokenizer, mesh, shardings)
+
+  # ------------------------------------------------------------------------------------------- geometry
+
+  def token_grid(self, height: int, width: int) -> tuple[int, int]:
+    from nextstep_jax.models.latents import token_grid
+    if self.vae_cfg is None:
+      raise ValueError("this checkpoint has no VAE (vae_params/); convert one with `nextstep-jax convert vae`")
+    return token_grid(height, width, self.vae_cfg.downsample_factor, self.cfg.latent_patch_size)
+
+  def _check_length(self, prompt_len: int, n_tokens: int) -> None:
+    if prompt_len + n_tokens > self.cfg.max_position_embeddings:
+      raise ValueError(f"prompt bucket {prompt_len} + {n_tokens} image tokens exceeds max_position_embeddings "
+                       f"{self.cfg.max_position_embeddings}; use a smaller image or a shorter prompt")
+
+  # ------------------------------------------------------------------------------------------- modes
+
+  def text_to_image(self, prompts: str | Sequence[str], opts: Options = Options(),
+                    noise_draws: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> Result:
+    opts = opts.validate()
+    tok = self._need_tokenizer()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    gh, gw = self.token_grid(opts.height, opts.width)
+    use_cfg = opts.cfg > 1
+    rows = tok.t2i_cfg_rows(prompts, gh, gw, opts.num_images_per_prompt, opts.positive_prompt,
+                            T2I_NEGATIVE if opts.negative_prompt is None else opts.negative_prompt, cfg=use_cfg)
+    return self._run(rows, None, 2 if use_cfg else 1, len(prompts) * opts.num_images_per_prompt, gh, gw, opts,
+                     1.0, opts.num_images_per_prompt, noise_draws)
+
+  def edit(self, caption: str, image_uint8: np.ndarray | None, opts: Options = Options(),
+           noise_draws: np.ndarray | None = None) -> Result:
+    """Editing: `caption` holds exactly one `<image>`; the source image is VAE-encoded into its placeholders."""
+    from nextstep_jax.models.flux_vae import encode_latents
+    from nextstep_jax.models.latents import patchify
+    opts = opts.validate()
+    if image_uint8 is None:
+      raise ValueError("editing needs a source image (--image in.png); for text-to-image drop the <image> tag")
+    tok = self._need_tokenizer()
+    image = np.asarray(image_uint8)
+    sh, sw = self.token_grid(image.shape[0], image.shape[1])
+    gh, gw = self.token_grid(opts.height, opts.width)
+    use_cfg, use_img = opts.cfg > 1, opts.cfg_img > 1
+    n_img = opts.num_images_per_prompt
+    rows = tok.edit_cfg_rows(caption, sh, sw, gh, gw, EDIT_NEGATIVE if opts.negative_prompt is None else
+                             opts.negative_prompt, n_img, cfg=use_cfg, image_cfg=use_img)
+    branches = 1 + int(use_cfg) + int(use_cfg and use_img)
+    pixels = jnp.asarray(image[None].astype(np.float32) / 127.5 - 1.0)
+    src = patchify(encode_latents(self.vae_params, self.vae_cfg, pixels), self.cfg.latent_patch_size)
+    src_rows = np.zeros((len(rows), src.shape[1], src.shape[2]), np.float32)
+    with_image = n_img * (2 if branches == 3 else 1)  # cond (+ image-uncond) rows carry the source image
+    src_rows[:with_image] = np.asarray(src[0])
+    return self._run(rows, src_rows, branches, n_img, gh, gw, opts, 3.2, n_img, noise_draws)
+
+  # ------------------------------------------------------------------------------------------- program
+
+  def _need_tokenizer(self):
+    if self.tokenizer is None:
+      raise ValueError("this checkpoint has no tokenizer/ directory; copy the tokenizer files into it")
+    return self.tokenizer
+
+  def _run(self, rows, src_rows, branches, num_images, gh, gw, opts: Options, default_shift: float,
+           noise_repeat: int, noise_draws) -> Result:
+    from nextstep_jax.tokens import left_pad
+    ids, mask = left_pad(rows, self.cfg.pad_token_id, opts.buckets)
+    self._check_length(ids.shape[1], gh * gw)
+    shift = default_shift if opts.shift is None else opts.shift
+    spec = Spec(num_images=num_images, branches=branches, prompt_len=ids.shape[1], grid_h=gh, grid_w=gw,
+                flow=flow.FlowConfig(opts.method, opts.steps, shift).validate(),
+                src_tokens=0 if src_rows is None else src_rows.shape[1], noise_repeat=noise_repeat,
+                use_norm=opts.use_norm, cfg_schedule=opts.cfg_schedule, decode=opts.decode and self.vae_cfg is not None,
+                debug=noise_draws is not None)
+    args = self._place(ids, mask, src_rows)
+    key = jax.random.key(opts.seed)
+    draws = None if noise_draws is None else jnp.asarray(noise_draws, jnp.float32)
+    call_args = (self.params, self.vae_params, *args, jnp.float32(opts.cfg), jnp.float32(opts.cfg_img), key, draws)
+    compile_s = 0.0
+    with sharding.use_mesh(self.mesh):
+      if spec not in self._compiled:
+        t0 = time.perf_counter()
+        self._compiled[spec] = compiled_program(self.cfg, self.vae_cfg, spec).lower(*call_args).compile()
+        compile_s = time.perf_counter() - t0
+        self.compile_count += 1
+      t0 = time.perf_counter()
+      out = jax.block_until_ready(self._compiled[spec](*call_args))
+      run_s = time.perf_counter() - t0
+    out = jax.device_get(out)
+    images = out.pop("images", None)
+    out["prompt_ids"], out["prompt_mask"] = ids, mask
+    return Result(images=images, tokens=out.pop("tokens"), compile_s=compile_s, run_s=run_s, extras=out)
+
+  def _place(self, ids, mask, src_rows):
+    """Row arrays onto the mesh (rows over the batch axes)."""
+    arrays = [jnp.asarray(ids), jnp.asarray(mask), None if src_rows is None else jnp.asarray(src_rows)]
+    if self.mesh is None or self.mesh.size == 1:
+      return arrays
+    placed = []
+    for a in arrays:
+      if a is None:
+        placed.append(None)
+        continue
+      spec = sharding.logical_to_spec(("act_batch",) + (None,) * (a.ndim - 1), a.shape, self.mesh)
+      placed.append(jax.device_put(a, jax.sharding.NamedSharding(self.mesh, spec)))
+    return placed

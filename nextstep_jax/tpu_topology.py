@@ -1,0 +1,60 @@
+"""Compile-only TPU devices for a named pod (e.g. "v5p-256"), so XLA:TPU can compile on a CPU-only machine.
+
+Product names (chips or TensorCores as Google sells them) map to topology strings and chip configs; v4/v5p
+count TensorCores in the name (v5p-256 = 128 megacore chips), v5e/v6e count chips.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class PodType:
+  name: str  # e.g. "v5p-256"
+  topology: str  # e.g. "v5:4x4x8"
+  chip_config: str  # "megacore" or "default"
+  hbm_gib: float  # usable HBM per chip (device), GiB
+  peak_bf16_tflops: float  # per chip (device)
+
+  @property
+  def num_chips(self) -> int:
+    return math.prod(int(x) for x in self.topology.split(":")[1].split("x"))
+
+
+_GENERATIONS = {
+    # product prefix: (topology prefix, chip config, cores counted in name, usable HBM GiB, bf16 TFLOP/s per chip)
+    "v4": ("v4", "megacore", 2, 30.75, 275.0),
+    "v5p": ("v5", "megacore", 2, 95.0 * 1e9 / 2**30, 459.0),
+    "v5e": ("v5e", "default", 1, 15.75, 197.0),
+    "v6e": ("v6e", "default", 1, 31.25, 918.0),
+}
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+def pod_type(name: str) -> PodType:
+  """'v5p-256' → PodType(topology 'v5:4x4x8', megacore, …). Raises ValueError listing valid names."""
+  try:
+    gen, size = name.lower().split("-")
+    topo_prefix, chip_config, cores, hbm, tflops = _GENERATIONS[gen]
+    chips = int(size) // cores
+    shape = (_SHAPES_2D if gen in ("v5e", "v6e") else _SHAPES_3D)[chips]
+  except (ValueError, KeyError):
+    examples = ", ".join(f"{g}-{c}" for g, c in (("v4", 64), ("v5p", 128), ("v5p", 256), ("v5e", 256), ("v6e", 256)))
+    raise ValueError(f"unknown TPU pod type {name!r}; use <generation>-<size> such as {examples}") from None
+  return PodType(name.lower(), f"{topo_prefix}:{shape}", chip_config, hbm, tflops)
+
+
+def topology_devices(name: str, num_slices: int = 1) -> tuple[PodType, list]:
+  """Compile-only devices for `num_slices` slices of pod `name` (needs the `tpu` extra: libtpu)."""
+  from jax.experimental import topologies
+  pod = pod_type(name)
+  try:
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=pod.topology, chip_config_name=pod.chip_config,
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=num_slices)
+  except Exception as e:  # libtpu missing or the topology unknown to this libtpu
+    raise RuntimeError(f"cannot build TPU topology {pod.topology} for {name}: {e}. Install the TPU compiler with "
+                       f"pip install -e '.[tpu]'") from None
+  return pod, list(topo.devices)

@@ -122,7 +122,9 @@ def _mesh(device_array: np.ndarray) -> Mesh:
 
 
 def mesh_from_shape(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
-  """A mesh with explicit (data, fsdp, tensor) sizes — used by tests and benchmarks."""
+  """A mesh with explicit (data, fsdp, tensor) sizes over the first prod(shape) devices (tests, benchmarks)."""
+  if devices is None:
+    devices = jax.devices()[:math.prod(shape)]
   return make_mesh(dict(zip(MESH_AXES, shape)), devices)
 
 

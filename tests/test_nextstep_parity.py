@@ -89,8 +89,8 @@ def test_training_loss_with_recorded_draws(converted, fixtures_dir, with_project
            "image_tokens": jnp.asarray(f["target_tokens"]),
            "image_loss_mask": jnp.asarray(np.repeat(f["latents_mask"][:, None], 16, 1), jnp.float32)}
   model = NextStep(cfg)
-  terms = model.apply(params, batch, None, jnp.asarray(f["fm_noise"]), jnp.asarray(f["fm_u"]),
-                      method=NextStep.loss_terms)
+  noise, u = jnp.asarray(f["fm_noise"]).reshape(4, b, 16, 64), jnp.asarray(f["fm_u"]).reshape(4, b, 16)
+  terms = model.apply(params, batch, noise, u, method=NextStep.loss_terms)
   out = combine_losses(cfg, terms, loss_counts(cfg, batch))
   suffix = "_with_out_projector" if with_projector else ""
   assert _report("ce_loss", out["text_loss"], f["ce_loss"]) <= 1e-4

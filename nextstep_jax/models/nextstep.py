@@ -103,12 +103,12 @@ class NextStep(Qwen2ForCausalLM):
 
   # ------------------------------------------------------------------------------------------- loss
 
-  def loss_terms(self, batch: dict[str, jax.Array], rng: jax.Array | None = None,
-                 fm_noise: jax.Array | None = None, fm_u: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Un-normalised loss sums and counts for one (micro-)batch.
+  def loss_terms(self, batch: dict[str, jax.Array], fm_noise: jax.Array, fm_u: jax.Array) -> dict[str, jax.Array]:
+    """Un-normalised loss sums and counts for one (micro-)batch: ce_sum, ce_count, fm_sum, fm_count (fp32).
 
-    Returns ce_sum, ce_count, fm_sum, fm_count (fp32 scalars). The flow-matching draws are replica-major:
-    noise (mul·B·T, token_dim) and u (mul·B·T,), drawn from `rng` unless given (parity tests inject them).
+    fm_noise (mul, B, T, token_dim) and fm_u (mul, B, T) are the flow-matching draws (`draw_fm_noise`), drawn
+    for the whole global batch so micro-batching and sharding do not change them; the replica-major flattening
+    (mul·B·T rows) is the official layout.
     """
     cfg = self.cfg
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -119,8 +119,7 @@ class NextStep(Qwen2ForCausalLM):
     # text: position j predicts labels[j+1], unless that target is an image placeholder or ignored
     labels = batch["labels"][:, 1:]
     ce_valid = (labels != IGNORE) & (ids[:, 1:] != cfg.image_placeholder_id)
-    logits = self.logits(h[:, :-1])
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(self.logits(h[:, :-1]), axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.clip(labels, 0)[..., None], axis=-1)[..., 0]
     ce_sum = jnp.sum(jnp.where(ce_valid, nll, 0.0))
 
@@ -132,17 +131,22 @@ class NextStep(Qwen2ForCausalLM):
     weight = (slot_valid & (batch["image_loss_mask"] > 0)).astype(jnp.float32).reshape(-1)
     mul = cfg.fm_head_batch_mul
     x1 = jnp.tile(image_tokens.reshape(b * t_slots, -1).astype(jnp.float32), (mul, 1))
-    if fm_noise is None or fm_u is None:
-      k_noise, k_u = jax.random.split(rng)
-      fm_noise = jax.random.normal(k_noise, x1.shape, jnp.float32)
-      fm_u = jax.random.normal(k_u, (x1.shape[0],), jnp.float32)
-    t = jax.nn.sigmoid(fm_u)
-    x_t = t[:, None] * x1 + (1 - t[:, None]) * fm_noise
+    noise = fm_noise.reshape(x1.shape).astype(jnp.float32)
+    t = jax.nn.sigmoid(fm_u.reshape(-1).astype(jnp.float32))
+    x_t = t[:, None] * x1 + (1 - t[:, None]) * noise
     pred = self.velocity(x_t, t, jnp.tile(cond, (mul, 1)))
-    per_token = jnp.mean(jnp.square(pred - (x1 - fm_noise)), axis=-1)
+    per_token = jnp.mean(jnp.square(pred - (x1 - noise)), axis=-1)
     w = jnp.tile(weight, (mul,))
     return {"ce_sum": ce_sum, "ce_count": jnp.sum(ce_valid).astype(jnp.float32),
             "fm_sum": jnp.sum(per_token * w), "fm_count": jnp.sum(w)}
+
+
+def draw_fm_noise(cfg: ModelConfig, key: jax.Array, batch: int, slots: int) -> tuple[jax.Array, jax.Array]:
+  """Flow-matching draws for a global batch: noise (mul, B, T, token_dim) ~ N(0, I), u (mul, B, T) ~ N(0, 1)."""
+  k_noise, k_u = jax.random.split(key)
+  mul = cfg.fm_head_batch_mul
+  noise = jax.random.normal(k_noise, (mul, batch, slots, cfg.token_dim), jnp.float32)
+  return noise, jax.random.normal(k_u, (mul, batch, slots), jnp.float32)
 
 
 def loss_counts(cfg: ModelConfig, batch: dict[str, Any]) -> dict[str, jax.Array]:

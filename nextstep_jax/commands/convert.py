@@ -17,6 +17,17 @@ def register(sub: argparse._SubParsersAction) -> None:
   qe.add_argument("--max-shard-gb", type=float, default=4.0)
   qe.set_defaults(func=_export_qwen)
 
+  v = kinds.add_parser("vae", help="Flux/NextStep VAE (BFL ae.safetensors, NextStep vae/, diffusers AutoencoderKL) "
+                                   "→ model directory (vae_params + config)")
+  _io_args(v)
+  v.add_argument("--layout", default="auto", choices=("auto", "bfl", "nextstep", "diffusers"),
+                 help="source weight layout (default: detect)")
+  v.set_defaults(func=_vae)
+
+  ve = kinds.add_parser("export-vae", help="model directory → BFL-layout VAE safetensors file")
+  _io_args(ve)
+  ve.set_defaults(func=_export_vae)
+
 
 def _io_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--src", required=True, help="source directory")
@@ -36,4 +47,19 @@ def _export_qwen(args) -> int:
   from nextstep_jax.convert.qwen import export_qwen
   files = export_qwen(args.src, args.dst, args.dtype, int(args.max_shard_gb * (1 << 30)))
   print(f"exported {args.src} → {', '.join(str(f) for f in files)}")
+  return 0
+
+
+def _vae(args) -> int:
+  from nextstep_jax.convert.vae import convert_vae
+  cfg = convert_vae(args.src, args.dst, args.layout, args.dtype, overwrite=args.overwrite)
+  print(f"converted VAE {args.src} → {args.dst}/vae_params (ch {cfg.ch}, ch_mult {list(cfg.ch_mult)}, "
+        f"z_channels {cfg.z_channels}, encoder_norm {cfg.encoder_norm}, psz {cfg.psz})")
+  return 0
+
+
+def _export_vae(args) -> int:
+  from nextstep_jax.convert.vae import export_vae_bfl
+  out = export_vae_bfl(args.src, args.dst, args.dtype, overwrite=args.overwrite)
+  print(f"exported VAE {args.src} → {out}")
   return 0

@@ -166,7 +166,7 @@ def export_nextstep(model_dir: str | Path, dst: str | Path, dtype: str | None = 
   if (model_dir / "vae_params").is_dir():
     from nextstep_jax.convert.vae import export_vae_bfl
     (dst / "vae").mkdir(parents=True, exist_ok=True)
-    export_vae_bfl(model_dir, dst / "vae" / "model.safetensors")
+    export_vae_bfl(model_dir, dst / "vae" / "model.safetensors", write_config=True)
   if (model_dir / "tokenizer").is_dir():
     for f in (model_dir / "tokenizer").iterdir():
       shutil.copy2(f, dst / f.name)

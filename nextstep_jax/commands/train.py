@@ -1,0 +1,34 @@
+"""`nextstep-jax train --config configs/....py --workdir DIR [--config.x=y ...] [--multihost]`."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser("train", help="train one curriculum stage (resumes automatically from --workdir)")
+  p.add_argument("--config", required=True, help="experiment file, e.g. configs/nextstep1_14b/stage1_256px.py")
+  p.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard, export (local or gs://)")
+  p.add_argument("--multihost", action="store_true",
+                 help="call jax.distributed.initialize() (TPU pods auto-detect; else see --coordinator)")
+  p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process without TPU metadata)")
+  p.add_argument("--num-processes", type=int, default=None)
+  p.add_argument("--process-id", type=int, default=None)
+  p.add_argument("--max-steps", type=int, default=None, help="stop after this step (keeps the schedule)")
+  p.set_defaults(func=run)
+
+
+def init_distributed(args) -> None:
+  import jax
+  if args.coordinator or args.multihost:
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+
+
+def run(args) -> int:
+  init_distributed(args)
+  from nextstep_jax.config import load_config
+  from nextstep_jax.train.loop import train
+  config = load_config(args.config, args.config_overrides)
+  result = train(config, args.workdir, max_steps=args.max_steps)
+  print(f"{'preempted at' if result.preempted else 'finished at'} step {result.step}", flush=True)
+  return 0

@@ -62,8 +62,7 @@ def make_data_iterator(config, cfg: ModelConfig):
   if config.train.synthetic_data:
     from nextstep_jax.train.synthetic import synthetic_iterator
     d = config.data
-    local = d.global_batch_size // jax.process_count()
-    return synthetic_iterator(cfg, local, d.seq_len, d.max_image_tokens or d.seq_len, d.seed,
+    return synthetic_iterator(cfg, d.global_batch_size, d.seq_len, d.max_image_tokens or d.seq_len, d.seed,
                               jax.process_index(), jax.process_count())
   from nextstep_jax.data.pipeline import make_iterator
   return make_iterator(config.data, jax.process_index(), jax.process_count())

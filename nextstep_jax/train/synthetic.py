@@ -2,8 +2,9 @@
 
 Row layout (like the official t2i training sequence): random text ids, `<|image_area|>` + "h*w" digits
 (random here), `<|begin_of_image|>`, n placeholders, `<|end_of_image|>`, eos, right padding. Image tokens are
-random unit-variance 64-d vectors. Batch `i` is a pure function of (seed, i, process), so runs are reproducible
-and resumable; used by tests and benchmarks that must not depend on datasets.
+random unit-variance 64-d vectors. Global batch `i` is a pure function of (seed, i); process p of n gets its
+contiguous rows [p·B/n, (p+1)·B/n), so any process layout forms the same global batches (multi-host tests), and
+runs are reproducible and resumable. Used by tests and benchmarks that must not depend on datasets.
 """
 from __future__ import annotations
 
@@ -35,9 +36,14 @@ def synthetic_batch(cfg: ModelConfig, index: int, batch: int, seq_len: int, imag
           "labels": labels, "image_tokens": toks, "image_loss_mask": np.ones((batch, n), np.float32)}
 
 
-def synthetic_iterator(cfg: ModelConfig, batch: int, seq_len: int, image_tokens: int, seed: int = 0,
+def synthetic_iterator(cfg: ModelConfig, global_batch: int, seq_len: int, image_tokens: int, seed: int = 0,
                        process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-  """Infinite checkpointable iterator of process-local synthetic batches (`get_state` / `set_state`)."""
-  ds = grain.MapDataset.range(1 << 40)[process_index::process_count]
-  ds = ds.map(lambda i: synthetic_batch(cfg, int(i), batch, seq_len, image_tokens, seed))
+  """Infinite checkpointable iterator of this process's rows of the synthetic global batches."""
+  if global_batch % process_count:
+    raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+  local = global_batch // process_count
+  rows = slice(process_index * local, (process_index + 1) * local)
+  ds = grain.MapDataset.range(1 << 40).map(
+      lambda i: {k: v[rows] for k, v in synthetic_batch(cfg, int(i), global_batch, seq_len, image_tokens,
+                                                          seed).items()})
   return iter(ds.to_iter_dataset())

@@ -28,6 +28,16 @@ def register(sub: argparse._SubParsersAction) -> None:
   _io_args(ve)
   ve.set_defaults(func=_export_vae)
 
+  n = kinds.add_parser("nextstep", help="NextStep-1 release directory (config.json, model*.safetensors, vae/, "
+                                        "tokenizer) → one model directory that sample and train load")
+  _io_args(n)
+  n.set_defaults(func=_nextstep)
+
+  ne = kinds.add_parser("export-nextstep", help="model directory → NextStep-1 release layout")
+  _io_args(ne)
+  ne.add_argument("--max-shard-gb", type=float, default=5.0)
+  ne.set_defaults(func=_export_nextstep)
+
 
 def _io_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--src", required=True, help="source directory")
@@ -62,4 +72,19 @@ def _export_vae(args) -> int:
   from nextstep_jax.convert.vae import export_vae_bfl
   out = export_vae_bfl(args.src, args.dst, args.dtype, overwrite=args.overwrite)
   print(f"exported VAE {args.src} → {out}")
+  return 0
+
+
+def _nextstep(args) -> int:
+  from nextstep_jax.convert.nextstep import convert_nextstep
+  cfg = convert_nextstep(args.src, args.dst, args.dtype, overwrite=args.overwrite)
+  print(f"converted {args.src} → {args.dst} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"head {cfg.fm_head_dim}×{cfg.fm_head_layers})")
+  return 0
+
+
+def _export_nextstep(args) -> int:
+  from nextstep_jax.convert.nextstep import export_nextstep
+  files = export_nextstep(args.src, args.dst, args.dtype, int(args.max_shard_gb * (1 << 30)))
+  print(f"exported {args.src} → {', '.join(str(f) for f in files)}")
   return 0

@@ -6,6 +6,8 @@
   nextstep-jax data build --kind text --src /corpus --dst /data/text           (.txt files / .jsonl {"text"})
   nextstep-jax data encode --src /data/shapes --dst /data/shapes_latents --vae MODEL_DIR --resolution 64
   nextstep-jax data inspect --config configs/tiny.py --batches 2
+  nextstep-jax data prefs --model MODEL_DIR --shapes 512 --dst /data/prefs --k 4 --scorer shapes
+  nextstep-jax data prefs --src pairs.jsonl --vae MODEL_DIR --dst /data/prefs  ({"prompt","chosen","rejected"})
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
   i.add_argument("--config", required=True, help="experiment config file (its `data` section is used)")
   i.add_argument("--batches", type=int, default=1)
   i.set_defaults(func=_inspect)
+  _register_prefs(actions)  # DPO preference pairs (nextstep_jax/data/preference_pairs.py)
 
 
 def _build(args) -> int:
@@ -83,4 +86,56 @@ def _inspect(args) -> int:
     print(f"  row 0 ({len(row)} tokens): {text[:400]!r}")
   print(f"stats: {it.stats()}")
   it.close()
+  return 0
+
+
+# ------------------------------------------------------------------------------------- prefs (DPO preference pairs)
+
+
+def _register_prefs(actions) -> None:
+  p = actions.add_parser("prefs", help="make DPO preference pairs: rank a model's samples with a scorer, or import "
+                                       "(prompt, chosen, rejected) image files")
+  p.add_argument("--dst", required=True, help="output directory (the dataset lands in DST/ns_prefs/1.0.0)")
+  p.add_argument("--model", default=None, help="model directory to sample from (params/, vae_params/, tokenizer/)")
+  p.add_argument("--prompts", default=None, help="text file, one prompt per line")
+  p.add_argument("--shapes", type=int, default=0, help="use N prompts of the shapes world instead of --prompts")
+  p.add_argument("--k", type=int, default=4, help="samples per prompt; best vs worst make the pair")
+  p.add_argument("--scorer", default="shapes", help="'shapes' or package.module:function (image_uint8, prompt) -> float")
+  p.add_argument("--margin", type=float, default=0.1, help="keep a pair only if best − worst score >= margin")
+  p.add_argument("--size", type=int, default=64, help="sample side in pixels")
+  p.add_argument("--steps", type=int, default=20, help="sampling steps")
+  p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (also the shapes prompt stream)")
+  p.add_argument("--prompts-per-call", type=int, default=8, help="prompts per compiled sampling call")
+  p.add_argument("--tokens", choices=("encode", "sampled"), default="encode",
+                 help="store the VAE encoding of the decoded images, or the sampled tokens")
+  p.add_argument("--src", default=None, help="import mode: .jsonl of {prompt, chosen, rejected} image paths")
+  p.add_argument("--vae", default=None, help="import mode: model directory whose VAE encodes the images")
+  p.add_argument("--resolution", type=int, default=256, help="import mode: square bucket side in pixels")
+  p.add_argument("--buckets", choices=("aspect", "fixed"), default="aspect")
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(func=_prefs)
+
+
+def _prefs(args) -> int:
+  from nextstep_jax.data import preference_pairs as pp
+
+  if args.src:
+    if not args.vae:
+      raise ValueError("--src (import mode) needs --vae MODEL_DIR to encode the images")
+    out, counts = pp.import_prefs(args.src, args.dst, args.vae, args.resolution, args.buckets, args.overwrite)
+    print(f"imported {counts.get('pairs', 0)} pairs → {out}; skipped: "
+          f"{ {k: v for k, v in counts.items() if k.startswith('skipped/')} or 'none'}")
+    return 0
+  if not args.model or bool(args.prompts) == bool(args.shapes):
+    raise ValueError("give --model MODEL_DIR and exactly one of --prompts FILE / --shapes N (or --src to import)")
+  prompts = pp.read_prompts(args.prompts) if args.prompts else pp.shapes_prompts(args.shapes, args.seed)
+  settings = pp.SampleSettings(k=args.k, size=args.size, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                               margin=args.margin, prompts_per_call=args.prompts_per_call, tokens=args.tokens)
+  out, c = pp.make_prefs_from_model(args.model, prompts, args.dst, pp.load_scorer(args.scorer), settings,
+                                    args.overwrite)
+  pairs = max(c["pairs"], 1)
+  print(f"{c['pairs']} pairs from {c['prompts']} prompts ({c['no_margin']} without a {args.margin} score margin) "
+        f"→ {out}; mean score {c['score_mean'] / max(c['prompts'], 1):.3f}, chosen {c['score_best'] / pairs:.3f}, "
+        f"rejected {c['score_worst'] / pairs:.3f}")
   return 0

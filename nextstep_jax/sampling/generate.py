@@ -37,6 +37,7 @@ class Spec:
   cfg_schedule: str = "constant"
   decode: bool = True
   debug: bool = False  # also return conditions and raw head outputs (parity tests)
+  progress: bool = False  # call the host progress hook once per generated token
 
   @property
   def rows(self) -> int:
@@ -45,6 +46,14 @@ class Spec:
   @property
   def num_tokens(self) -> int:
     return self.grid_h * self.grid_w
+
+
+_PROGRESS_HOOK: list = [None]  # host callable(token_index) set by the caller while a program runs
+
+
+def _tick(k) -> None:
+  if _PROGRESS_HOOK[0] is not None:
+    _PROGRESS_HOOK[0](int(k))
 
 
 def _noise_fn(spec: Spec, key: jax.Array | None, draws: jax.Array | None):
@@ -94,6 +103,8 @@ def generate_tokens(model: NextStep, params: Any, spec: Spec, ids_RxP: jax.Array
     emb = apply(jnp.tile(tok, (spec.branches, 1)), method=NextStep.embed_image_token)
     h_new, cache = apply(emb, key_valid, None, cache, spec.prompt_len + k, method=NextStep.hidden)
     toks = toks.at[:, k].set(tok)
+    if spec.progress:
+      jax.debug.callback(_tick, k)
     if spec.debug:
       raws, conds = raws.at[:, k].set(raw), conds.at[k].set(c.astype(jnp.float32))
     return cache, h_new[:, 0], toks, raws, conds

@@ -49,6 +49,7 @@ class Options:
   seed: int = 0
   buckets: tuple[int, ...] = DEFAULT_BUCKETS
   decode: bool = True
+  progress: bool = False  # tqdm bar over image tokens (one host callback per token)
 
   def validate(self) -> "Options":
     if self.cfg < 1 or self.cfg_img < 1:
@@ -169,7 +170,7 @@ class Sampler:
                 flow=flow.FlowConfig(opts.method, opts.steps, shift).validate(),
                 src_tokens=0 if src_rows is None else src_rows.shape[1], noise_repeat=noise_repeat,
                 use_norm=opts.use_norm, cfg_schedule=opts.cfg_schedule, decode=opts.decode and self.vae_cfg is not None,
-                debug=noise_draws is not None)
+                debug=noise_draws is not None, progress=opts.progress)
     args = self._place(ids, mask, src_rows)
     key = jax.random.key(opts.seed)
     draws = None if noise_draws is None else jnp.asarray(noise_draws, jnp.float32)
@@ -181,9 +182,10 @@ class Sampler:
         self._compiled[spec] = compiled_program(self.cfg, self.vae_cfg, spec).lower(*call_args).compile()
         compile_s = time.perf_counter() - t0
         self.compile_count += 1
-      t0 = time.perf_counter()
-      out = jax.block_until_ready(self._compiled[spec](*call_args))
-      run_s = time.perf_counter() - t0
+      with _progress_bar(spec) as _:
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(self._compiled[spec](*call_args))
+        run_s = time.perf_counter() - t0
     out = jax.device_get(out)
     images = out.pop("images", None)
     out["prompt_ids"], out["prompt_mask"] = ids, mask
@@ -202,3 +204,25 @@ class Sampler:
       spec = sharding.logical_to_spec(("act_batch",) + (None,) * (a.ndim - 1), a.shape, self.mesh)
       placed.append(jax.device_put(a, jax.sharding.NamedSharding(self.mesh, spec)))
     return placed
+
+
+class _progress_bar:
+  """Installs a tqdm bar as the generation program's per-token hook (when the spec asks for progress)."""
+
+  def __init__(self, spec: Spec):
+    self.spec, self.bar = spec, None
+
+  def __enter__(self):
+    if self.spec.progress:
+      from tqdm import tqdm
+      from nextstep_jax.sampling import generate
+      self.bar = tqdm(total=self.spec.num_tokens, desc="image tokens", unit="tok")
+      generate._PROGRESS_HOOK[0] = lambda k: self.bar.update(1)
+    return self
+
+  def __exit__(self, *exc):
+    if self.bar is not None:
+      from nextstep_jax.sampling import generate
+      generate._PROGRESS_HOOK[0] = None
+      self.bar.update(self.bar.total - self.bar.n)
+      self.bar.close()

@@ -1,0 +1,175 @@
+"""Sampling throughput on CPU with the issue's bench config, vs a naive per-token Python loop of jitted steps.
+
+Bench config (the one the PyTorch original was timed with on this machine kind): backbone hidden 768,
+intermediate 2048, 12 layers, 12/4 heads (head_dim 64), vocab 1000, q/k/v bias; head width 256 × 4 blocks;
+16 latent channels, patch 2; 256×256 → 256 image tokens; 40-token caption; cfg 7.5 (2 branches); 20 steps;
+shift 1.0; use_norm; fp32; random weights.
+
+  python benchmarks/sample_bench.py [--images 1 4] [--repeats 3] [--skip-naive] [--skip-vae]
+
+Prints image tokens/s (VAE decode excluded), compile time, the per-token backbone/head split, the naive-loop
+ratio, and the real Flux-size VAE decode time at 256². Alternate/median timings: CPU speed drifts (JAX_NOTES §2).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])
+from benchmarks.common import timed  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from nextstep_jax.config import ModelConfig, VAEConfig, flux_vae  # noqa: E402
+from nextstep_jax.models.nextstep import NextStep, init_fn  # noqa: E402
+from nextstep_jax.models.qwen2 import init_cache  # noqa: E402
+from nextstep_jax.sampling import flow  # noqa: E402
+from nextstep_jax.sampling.generate import Spec, compiled_program  # noqa: E402
+
+BENCH = dict(vocab_size=1000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4,
+             head_dim=64, attention_bias=True, fm_head_dim=256, fm_head_layers=4, latent_channels=16,
+             latent_patch_size=2, eos_token_id=900, pad_token_id=901, image_area_id=902, boi_id=903, eoi_id=904,
+             image_placeholder_id=905)
+GRID = 16  # 256 px / (8 · 2)
+CAPTION, STEPS, CFG = 40, 20, 7.5
+
+
+def _setup():
+  cfg = ModelConfig.from_dict(BENCH)
+  _, init = init_fn(cfg)
+  params = jax.jit(init)(jax.random.key(0))
+  # make the (zero-initialised) head layers non-trivial, as trained weights are
+  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params)
+  return cfg, params
+
+
+def _prompt(images: int):
+  rng = np.random.default_rng(0)
+  rows = 2 * images
+  ids = rng.integers(0, 256, (rows, CAPTION + 6)).astype(np.int32)
+  ids[:, -6:] = [902, 49, 54, 42, 49, 903]  # <|image_area|>16*16<|begin_of_image|>
+  return jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32)
+
+
+def fused(cfg, params, images: int, repeats: int):
+  spec = Spec(num_images=images, branches=2, prompt_len=CAPTION + 6, grid_h=GRID, grid_w=GRID,
+              flow=flow.FlowConfig("sde_a", STEPS, 1.0), noise_repeat=images, decode=False)
+  ids, mask = _prompt(images)
+  args = (params, None, ids, mask, None, jnp.float32(CFG), jnp.float32(1.0), jax.random.key(0), None)
+  t0 = time.perf_counter()
+  compiled = compiled_program(cfg, None, spec).lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  _, run_s, out = timed(compiled, *args, repeats=repeats)
+  assert np.isfinite(np.asarray(out["tokens"])).all()
+  return compile_s, run_s
+
+
+def split(cfg, params, images: int, repeats: int):
+  """Per-token cost of the LM step alone and the head sampler alone (each in its own fori_loop program)."""
+  model, rows, n = NextStep(cfg), 2 * images, GRID * GRID
+  s_len = CAPTION + 6 + n
+  key_valid = jnp.ones((rows, s_len), bool)
+
+  @jax.jit
+  def lm_only(params, emb):
+    cache = init_cache(cfg, rows, s_len, jnp.float32)
+    def body(k, carry):
+      cache, e = carry
+      h, cache = model.apply(params, e, key_valid, None, cache, k, method=NextStep.hidden)
+      return cache, e + 1e-6 * h
+    return jax.lax.fori_loop(0, n, body, (cache, emb))[1]
+
+  fcfg = flow.FlowConfig("sde_a", STEPS, 1.0)
+
+  @jax.jit
+  def head_only(params, c):
+    def body(k, x):
+      v_fn = lambda x, t: flow.combine_branches(model.apply(params, jnp.tile(x, (2, 1)), jnp.full((rows,), t), c,
+                                                            method=NextStep.velocity), 2, CFG, 1.0)
+      return flow.integrate(v_fn, x, fcfg, lambda j: jnp.full_like(x, 0.1 * j)) * 0.5
+    return jax.lax.fori_loop(0, n, body, jnp.ones((images, cfg.token_dim)))
+
+  emb = jnp.ones((rows, 1, cfg.hidden_size)) * 0.01
+  c = jnp.ones((rows, cfg.hidden_size)) * 0.01
+  _, lm_s, _ = timed(lm_only, params, emb, repeats=repeats)
+  _, head_s, _ = timed(head_only, params, c, repeats=repeats)
+  return lm_s / n, head_s / n
+
+
+def naive(cfg, params, images: int):
+  """The same work as a per-token Python loop over jitted single steps (LM step, head sampling)."""
+  model, rows, n = NextStep(cfg), 2 * images, GRID * GRID
+  ids, mask = _prompt(images)
+  s_len = ids.shape[1] + n
+  key_valid = jnp.concatenate([mask.astype(bool), jnp.ones((rows, n), bool)], axis=1)
+  fcfg = flow.FlowConfig("sde_a", STEPS, 1.0)
+  prefill = jax.jit(lambda p, i, c: model.apply(p, model.apply(p, i, None, method=NextStep.embed_inputs), key_valid,
+                                                None, c, 0, method=NextStep.hidden))
+  lm_step = jax.jit(lambda p, e, c, k: model.apply(p, e, key_valid, None, c, k, method=NextStep.hidden))
+
+  @jax.jit
+  def head_step(p, h_last, key):
+    c = model.apply(p, h_last, method=NextStep.condition)
+    d = jax.random.normal(key, (STEPS, images, cfg.token_dim))
+    v_fn = lambda x, t: flow.combine_branches(model.apply(p, jnp.tile(x, (2, 1)), jnp.full((rows,), t), c,
+                                                          method=NextStep.velocity), 2, CFG, 1.0)
+    tok = flow.integrate(v_fn, d[0], fcfg, lambda j: d[j + 1])
+    return model.apply(p, jnp.tile(tok, (2, 1)), method=NextStep.embed_image_token), tok
+
+  def run():
+    h, cache = prefill(params, ids, init_cache(cfg, rows, s_len, jnp.float32))
+    h_last = h[:, -1]
+    for k in range(n):
+      emb, _ = head_step(params, h_last, jax.random.key(k))
+      if k < n - 1:
+        h, cache = lm_step(params, emb, cache, ids.shape[1] + k)
+        h_last = h[:, 0]
+    return jax.block_until_ready(h_last)
+  run()  # compile
+  t0 = time.perf_counter()
+  run()
+  return time.perf_counter() - t0
+
+
+def vae_decode(repeats: int):
+  from nextstep_jax.models.flux_vae import decode_latents, init_params
+  vcfg = VAEConfig.from_dict(flux_vae())
+  vparams = init_params(vcfg, jax.random.key(0), image_size=16)
+  z = jax.random.normal(jax.random.key(1), (1, 32, 32, 16))
+  first, steady, _ = timed(decode_latents, vparams, vcfg, z, repeats=repeats)
+  return first - steady, steady
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--images", type=int, nargs="+", default=[1, 4])
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--skip-naive", action="store_true")
+  ap.add_argument("--skip-vae", action="store_true")
+  args = ap.parse_args()
+  cfg, params = _setup()
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  print(f"bench model: {n_params / 1e6:.1f}M parameters (fp32), {GRID * GRID} image tokens, {STEPS} flow steps, "
+        f"CFG 2 branches; devices: {jax.devices()[0].device_kind} ×{jax.device_count()}")
+  for images in args.images:
+    compile_s, run_s = fused(cfg, params, images, args.repeats)
+    tps = images * GRID * GRID / run_s
+    lm, head = split(cfg, params, images, args.repeats)
+    line = (f"{images} image(s) (batch {2 * images}): {tps:6.1f} image tokens/s, {run_s:.2f} s/batch, "
+            f"{run_s / images:.2f} s/image, compile {compile_s:.1f} s; per token: backbone {lm * 1e3:.2f} ms, "
+            f"head {head * 1e3:.2f} ms")
+    if not args.skip_naive:
+      naive_s = naive(cfg, params, images)
+      line += f"; naive per-token loop {naive_s:.2f} s ({naive_s / run_s:.2f}× slower)"
+    print(line, flush=True)
+  if not args.skip_vae:
+    c, d = vae_decode(args.repeats)
+    print(f"VAE decode (Flux size, 256², 1 image): {d:.2f} s steady, compile ≈ {c:.1f} s")
+
+
+if __name__ == "__main__":
+  main()

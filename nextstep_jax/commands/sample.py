@@ -1,0 +1,74 @@
+"""`nextstep-jax sample --checkpoint DIR --prompt "..." [--image in.png] --size 512x512 --out out.png`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser("sample", help="generate (or edit) images with a converted or trained model directory")
+  p.add_argument("--checkpoint", required=True, help="model directory (convert --dst or a training WORKDIR/export)")
+  p.add_argument("--prompt", required=True, action="append", help="caption (repeat for a batch); for editing it "
+                 "must contain one <image> tag")
+  p.add_argument("--image", default=None, help="source image for editing")
+  p.add_argument("--size", default="512x512", help="HEIGHTxWIDTH, multiples of 16 (e.g. 256x512)")
+  p.add_argument("--cfg", type=float, default=7.5)
+  p.add_argument("--cfg-img", type=float, default=2.0, help="image guidance (editing)")
+  p.add_argument("--cfg-schedule", default="constant", choices=("constant", "linear", "linear_rise"))
+  p.add_argument("--steps", type=int, default=50)
+  p.add_argument("--shift", type=float, default=None, help="timestep shift (default 1.0; 3.2 for editing)")
+  p.add_argument("--sampler", default="sde_a", choices=("sde_a", "sde_b", "euler", "heun"),
+                 help="sde_a = the official release sampler")
+  p.add_argument("--no-norm", action="store_true", help="disable use_norm token re-normalisation")
+  p.add_argument("--positive-prompt", default=None, help="appended to text-to-image captions (default: official)")
+  p.add_argument("--negative-prompt", default=None)
+  p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default=None, help="compute dtype override (float32 is fastest on CPU)")
+  p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes to shard over devices, e.g. 1,4,2")
+  p.add_argument("--out", default="out.png", help="PNG path; several images get _<i> suffixes")
+  p.set_defaults(func=run)
+
+
+def _size(text: str) -> tuple[int, int]:
+  try:
+    h, w = (int(x) for x in text.lower().split("x"))
+  except ValueError:
+    raise ValueError(f"--size {text!r} must look like 512x512 (HEIGHTxWIDTH)") from None
+  return h, w
+
+
+def run(args) -> int:
+  from pathlib import Path
+
+  from nextstep_jax import sharding
+  from nextstep_jax.images import load_image, save_png
+  from nextstep_jax.sampling.pipeline import T2I_POSITIVE, Options, Sampler
+
+  h, w = _size(args.size)
+  mesh = sharding.mesh_from_shape(tuple(int(x) for x in args.mesh.split(","))) if args.mesh else None
+  print(f"loading {args.checkpoint} …", file=sys.stderr, flush=True)
+  sampler = Sampler.from_checkpoint(args.checkpoint, mesh=mesh, compute_dtype=args.dtype)
+  opts = Options(height=h, width=w, cfg=args.cfg, cfg_img=args.cfg_img, cfg_schedule=args.cfg_schedule,
+                 steps=args.steps, shift=args.shift, method=args.sampler, use_norm=not args.no_norm,
+                 positive_prompt=T2I_POSITIVE if args.positive_prompt is None else args.positive_prompt,
+                 negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images, seed=args.seed,
+                 progress=True)
+  if args.image is None and any("<image>" in p for p in args.prompt):
+    raise ValueError("the prompt contains <image> (editing) but no --image was given; pass --image in.png")
+  if args.image is not None:
+    if len(args.prompt) != 1:
+      raise ValueError("editing takes exactly one --prompt")
+    result = sampler.edit(args.prompt[0], load_image(args.image), opts)
+  else:
+    result = sampler.text_to_image(args.prompt, opts)
+  n = len(result.images)
+  tokens = result.tokens.shape[1] * n
+  print(f"compile {result.compile_s:.1f} s; generate {result.run_s:.2f} s for {n} image(s) "
+        f"({tokens / result.run_s:.1f} image tokens/s incl. VAE decode)", flush=True)
+  out = Path(args.out)
+  for i, img in enumerate(result.images):
+    path = out if n == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+    save_png(path, img)
+    print(f"wrote {path}")
+  return 0

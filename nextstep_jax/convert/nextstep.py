@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from nextstep_jax import params_io
 from nextstep_jax.config import ConfigError, ModelConfig
+from nextstep_jax.convert.model_dir import export_checkpoint, import_checkpoint
 from nextstep_jax.convert.qwen import _read_json, abstract_shapes, backbone_fields_from_hf, backbone_rules
-from nextstep_jax.convert.safetensors_io import SafetensorsReader, SafetensorsWriter
-from nextstep_jax.convert.table import Rule, check, export_tensors, import_leaves, parse_dtype
+from nextstep_jax.convert.safetensors_io import SafetensorsReader
+from nextstep_jax.convert.table import Rule, parse_dtype
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json")
@@ -121,14 +121,9 @@ def convert_nextstep(src: str | Path, dst: str | Path, dtype: str | None = None,
   cfg = model_config_from_release(_read_json(src / "config.json", "NextStep config.json"), src,
                                   **({"param_dtype": np_dtype.name} if np_dtype is not None else {}))
   reader = SafetensorsReader(src, prefix="model")
-  shapes = nextstep_shapes(cfg)
-  rules = nextstep_rules(cfg)
-  check(rules, reader.keys(), reader.shape, shapes, ignore=IGNORED, what=f"NextStep checkpoint {src}")
-  params_io.save_params_streaming(dst / "params", import_leaves(rules, reader.get, shapes, np_dtype),
-                                  overwrite=overwrite)
-  params_io.write_model_config(dst, {"model": cfg, "source": {
-      "format": "nextstep_release", "path": str(src), "dtype": reader.dtype(rules[0].keys()[0]),
-      "gen_pos_embed": "gen_pos_embed" in reader}})
+  import_checkpoint(reader, nextstep_rules(cfg), nextstep_shapes(cfg), dst, cfg,
+                    {"format": "nextstep_release", "path": str(src), "gen_pos_embed": "gen_pos_embed" in reader},
+                    dtype=dtype, ignore=IGNORED, what=f"NextStep checkpoint {src}", overwrite=overwrite)
   if with_vae and (src / "vae").is_dir():
     from nextstep_jax.convert.vae import convert_vae
     convert_vae(src / "vae", dst, layout="nextstep", dtype=dtype, overwrite=overwrite)
@@ -140,29 +135,21 @@ def convert_nextstep(src: str | Path, dst: str | Path, dtype: str | None = None,
   return cfg
 
 
-_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+def _gen_pos_embed(cfg: ModelConfig, meta: dict, np_dtype):
+  """The release layout's fixed `gen_pos_embed` buffer (recomputed bit-exactly; kept when the source had it)."""
+  import numpy as np
+  from nextstep_jax.models.nextstep import sincos_2d_table
+  if meta.get("source", {}).get("gen_pos_embed", True):
+    yield "gen_pos_embed", sincos_2d_table(cfg.hidden_size, cfg.base_image_grid_size)[None].astype(
+        np_dtype or np.float32)
 
 
 def export_nextstep(model_dir: str | Path, dst: str | Path, dtype: str | None = None,
                     max_shard_bytes: int = 5 << 30) -> list[Path]:
   """Our model directory → release layout (config.json, model*.safetensors incl. gen_pos_embed, vae/, tokenizer)."""
-  import numpy as np
-  from nextstep_jax.models.nextstep import sincos_2d_table
   model_dir, dst = Path(model_dir), Path(dst)
-  meta = params_io.read_model_config(model_dir)
-  cfg = ModelConfig.from_dict(meta["model"])
-  source = meta.get("source", {})
-  dtype = dtype or _ST_DTYPES.get(source.get("dtype", ""), None)
-  np_dtype = parse_dtype(dtype)
-  writer = SafetensorsWriter(dst, max_shard_bytes)
-  for key, tensor in export_tensors(nextstep_rules(cfg), lambda p: params_io.load_leaf(model_dir / "params", p),
-                                    np_dtype):
-    writer.add(key, tensor)
-  if source.get("gen_pos_embed", True):
-    table = sincos_2d_table(cfg.hidden_size, cfg.base_image_grid_size)[None]
-    writer.add("gen_pos_embed", table.astype(np_dtype or np.float32))
-  files = writer.close()
-  (dst / "config.json").write_text(json.dumps(release_config_from_model(cfg, dtype or "float32"), indent=2))
+  cfg, _, dtype, files = export_checkpoint(model_dir, dst, nextstep_rules, dtype, max_shard_bytes, _gen_pos_embed)
+  (dst / "config.json").write_text(json.dumps(release_config_from_model(cfg, dtype), indent=2))
   if (model_dir / "vae_params").is_dir():
     from nextstep_jax.convert.vae import export_vae_bfl
     (dst / "vae").mkdir(parents=True, exist_ok=True)

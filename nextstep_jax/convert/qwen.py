@@ -12,8 +12,8 @@ from flax import traverse_util
 
 from nextstep_jax import params_io
 from nextstep_jax.config import ConfigError, ModelConfig
-from nextstep_jax.convert.safetensors_io import SafetensorsReader, SafetensorsWriter
-from nextstep_jax.convert.table import Rule, check, export_tensors, import_leaves, parse_dtype
+from nextstep_jax.convert.safetensors_io import SafetensorsReader
+from nextstep_jax.convert.table import Rule, parse_dtype
 
 
 def backbone_rules(cfg: ModelConfig, prefix: str = "model.", lm_head: str | None = "lm_head.weight") -> list[Rule]:
@@ -115,39 +115,23 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 def convert_qwen(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False) -> ModelConfig:
   """HF Qwen2 directory → our model directory (`nextstep_config.json` + Orbax `params/`), one tensor at a time."""
+  from nextstep_jax.convert.model_dir import import_checkpoint
   src, dst = Path(src), Path(dst)
   np_dtype = parse_dtype(dtype)
   cfg = model_config_from_hf(_read_json(src / "config.json", "HF config.json"),
                              **({"param_dtype": np_dtype.name} if np_dtype is not None else {}))
-  reader = SafetensorsReader(src)
-  shapes = qwen_shapes(cfg)
-  rules = backbone_rules(cfg)
-  check(rules, reader.keys(), reader.shape, shapes, ignore=["lm_head.weight"] if cfg.tie_word_embeddings else [],
-        what=f"HF checkpoint {src}")
-  params_io.save_params_streaming(dst / "params", import_leaves(rules, reader.get, shapes, np_dtype),
-                                  overwrite=overwrite)
-  source_dtype = reader.dtype(rules[0].keys()[0])
-  params_io.write_model_config(dst, {"model": cfg, "source": {"format": "hf_qwen2", "path": str(src),
-                                                              "dtype": source_dtype}})
+  import_checkpoint(SafetensorsReader(src), backbone_rules(cfg), qwen_shapes(cfg), dst, cfg,
+                    {"format": "hf_qwen2", "path": str(src)}, dtype=dtype,
+                    ignore=["lm_head.weight"] if cfg.tie_word_embeddings else [], what=f"HF checkpoint {src}",
+                    overwrite=overwrite)
   return cfg
-
-
-_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 def export_qwen(model_dir: str | Path, dst: str | Path, dtype: str | None = None,
                 max_shard_bytes: int = 4 << 30) -> list[Path]:
   """Our model directory → HF Qwen2 safetensors + config.json (reads one parameter at a time)."""
-  model_dir, dst = Path(model_dir), Path(dst)
-  meta = params_io.read_model_config(model_dir)
-  cfg = ModelConfig.from_dict(meta["model"])
-  dtype = dtype or _ST_DTYPES.get(meta.get("source", {}).get("dtype", ""), None)
-  np_dtype = parse_dtype(dtype)
-  writer = SafetensorsWriter(dst, max_shard_bytes)
-  for key, tensor in export_tensors(backbone_rules(cfg), lambda p: params_io.load_leaf(model_dir / "params", p),
-                                    np_dtype):
-    writer.add(key, tensor)
-  files = writer.close()
-  (dst / "config.json").write_text(json.dumps(hf_config_from_model(cfg, dtype or "float32"), indent=2))
+  from nextstep_jax.convert.model_dir import export_checkpoint
+  dst = Path(dst)
+  cfg, _, dtype, files = export_checkpoint(Path(model_dir), dst, backbone_rules, dtype, max_shard_bytes)
+  (dst / "config.json").write_text(json.dumps(hf_config_from_model(cfg, dtype), indent=2))
   return files
-

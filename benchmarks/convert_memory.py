@@ -24,9 +24,9 @@ QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_
                 tie_word_embeddings=True, max_position_embeddings=32768, model_type="qwen2")
 
 
-def write_random_checkpoint(path: str) -> tuple[int, int]:
+def write_random_checkpoint(path: str, layers: int) -> tuple[int, int]:
   from nextstep_jax.convert.safetensors_io import SafetensorsWriter
-  c = QWEN_05B
+  c = dict(QWEN_05B, num_hidden_layers=layers)
   d, f, hd = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
   kv = c["num_key_value_heads"] * hd
   shapes = {"model.embed_tokens.weight": (c["vocab_size"], d), "model.norm.weight": (d,)}
@@ -49,17 +49,11 @@ def write_random_checkpoint(path: str) -> tuple[int, int]:
   return sum(sizes), max(sizes)
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--workdir", default="/tmp/convert_bench")
-  ap.add_argument("--dtype", default=None)
-  args = ap.parse_args()
-  shutil.rmtree(args.workdir, ignore_errors=True)
-  src, dst = os.path.join(args.workdir, "hf"), os.path.join(args.workdir, "ours")
-  total, largest = write_random_checkpoint(src)
+def convert_peak(src: str, dst: str, dtype: str | None) -> tuple[float, float, float]:
+  """(seconds, peak RSS MiB, baseline RSS MiB of the imports alone) of `convert_qwen` in a fresh process."""
   code = ("import resource,sys,time; sys.path.insert(0, %r); from nextstep_jax.convert.qwen import convert_qwen;"
           "t=time.time(); convert_qwen(%r, %r, %r); print(time.time()-t, "
-          "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)") % (ROOT, src, dst, args.dtype)
+          "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)") % (ROOT, src, dst, dtype)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   baseline = subprocess.run([sys.executable, "-c", "import resource, nextstep_jax.convert.qwen, jax; jax.devices();"
                              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"],
@@ -68,11 +62,26 @@ def main():
   if out.returncode:
     sys.exit(out.stderr)
   seconds, peak = map(float, out.stdout.split()[-2:])
-  base = float(baseline.stdout.split()[-1])
-  print(f"checkpoint: {total / 2**20:,.0f} MiB in fp32; largest tensor {largest / 2**20:,.0f} MiB; "
-        f"largest stacked leaf {24 * 4864 * 896 * 4 / 2**20:,.0f} MiB")
-  print(f"conversion: {seconds:.1f} s, peak RSS {peak:,.0f} MiB (imports alone: {base:,.0f} MiB) → "
-        f"{peak - base:,.0f} MiB above baseline = {(peak - base) / total:.0%} of the model")
+  return seconds, peak, float(baseline.stdout.split()[-1])
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--workdir", default="/tmp/convert_bench")
+  ap.add_argument("--dtype", default=None)
+  ap.add_argument("--layers", type=int, nargs="+", default=[24, 12], help="24 = the real 0.5B shape")
+  args = ap.parse_args()
+  for layers in args.layers:
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    src, dst = os.path.join(args.workdir, "hf"), os.path.join(args.workdir, "ours")
+    total, largest = write_random_checkpoint(src, layers)
+    seconds, peak, base = convert_peak(src, dst, args.dtype)
+    print(f"{layers} layers: checkpoint {total / 2**20:,.0f} MiB fp32, largest tensor {largest / 2**20:,.0f} MiB, "
+          f"largest stacked leaf {layers * 4864 * 896 * 4 / 2**20:,.0f} MiB; conversion {seconds:.1f} s, "
+          f"peak RSS {peak:,.0f} MiB = imports {base:,.0f} + {peak - base:,.0f} MiB "
+          f"({(peak - base) * 2**20 / total:.0%} of the model, {(peak - base) * 2**20 / largest:.1f}× the largest "
+          f"tensor)", flush=True)
+  shutil.rmtree(args.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def _state_dir(path: str | os.PathLike) -> Path:
 
 def save_params_streaming(path: str | os.PathLike, leaves: Iterable[tuple[tuple[str, ...], np.ndarray]],
                           group_bytes: int = 256 << 20, overwrite: bool = False) -> int:
-  """Writes (path tuple, array) pairs as one Orbax pytree, holding at most ~group_bytes (or one leaf) at a time.
+  """Writes (path tuple, array) pairs as one Orbax pytree, holding at most ~group_bytes (+ one leaf) at a time.
 
   The checkpoint appears at `path` only when complete (Orbax finalize renames a temporary directory).
   Returns the number of bytes written.
@@ -60,11 +60,12 @@ def save_params_streaming(path: str | os.PathLike, leaves: Iterable[tuple[tuple[
     group, size = {}, 0
 
   for key, value in leaves:
-    if group and size + value.nbytes > group_bytes:
-      flush()
     group[tuple(key)] = value
     size += value.nbytes
     total += value.nbytes
+    del value
+    if size >= group_bytes:
+      flush()  # before the next leaf is produced, so at most one group is alive
   flush()
   if not started:
     raise ValueError(f"nothing to save at {path}")

@@ -44,7 +44,6 @@ class SafetensorsReader:
             self._meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
       except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"cannot read safetensors file {f}: {e}; the file is corrupt or not safetensors") from None
-    self._handles: dict[Path, object] = {}
 
   def keys(self) -> list[str]:
     return list(self._where)
@@ -59,10 +58,10 @@ class SafetensorsReader:
     return self._meta[key][1]
 
   def get(self, key: str) -> np.ndarray:
-    f = self._where[key]
-    if f not in self._handles:
-      self._handles[f] = safe_open(f, framework="np")
-    return self._handles[f].get_tensor(key)
+    """Reads one tensor. The file is opened per read so its memory map (and the resident pages it pulled in)
+    is released at once: host memory stays at about one tensor even for multi-GB shards."""
+    with safe_open(self._where[key], framework="np") as h:
+      return h.get_tensor(key)
 
 
 class SafetensorsWriter:

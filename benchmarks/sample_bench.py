@@ -55,7 +55,10 @@ def _prompt(images: int):
   return jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32)
 
 
-def fused(cfg, params, images: int, repeats: int):
+def fused(cfg, params, images: int, repeats: int, unstack: bool = True):
+  """The Sampler's program (layers as separate buffers unless `unstack` is False, i.e. the scanned stack)."""
+  from nextstep_jax.models.qwen2 import split_layers
+  params = split_layers(params) if unstack else params
   spec = Spec(num_images=images, branches=2, prompt_len=CAPTION + 6, grid_h=GRID, grid_w=GRID,
               flow=flow.FlowConfig("sde_a", STEPS, 1.0), noise_repeat=images, decode=False)
   ids, mask = _prompt(images)
@@ -157,11 +160,12 @@ def main():
         f"CFG 2 branches; devices: {jax.devices()[0].device_kind} ×{jax.device_count()}")
   for images in args.images:
     compile_s, run_s = fused(cfg, params, images, args.repeats)
+    _, scan_s = fused(cfg, params, images, args.repeats, unstack=False)
     tps = images * GRID * GRID / run_s
     lm, head = split(cfg, params, images, args.repeats)
     line = (f"{images} image(s) (batch {2 * images}): {tps:6.1f} image tokens/s, {run_s:.2f} s/batch, "
             f"{run_s / images:.2f} s/image, compile {compile_s:.1f} s; per token: backbone {lm * 1e3:.2f} ms, "
-            f"head {head * 1e3:.2f} ms")
+            f"head {head * 1e3:.2f} ms; scanned-layer variant {images * GRID * GRID / scan_s:.1f} tokens/s")
     if not args.skip_naive:
       naive_s = naive(cfg, params, images)
       line += f"; naive per-token loop {naive_s:.2f} s ({naive_s / run_s:.2f}× slower)"

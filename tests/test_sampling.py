@@ -33,6 +33,12 @@ def sampler(model_dir):
 
 
 @pytest.fixture(scope="module")
+def stacked_params(model_dir):
+  """The scanned-layer parameter tree (the sampler itself holds per-layer buffers on CPU)."""
+  return params_io.load_params(model_dir / "params")
+
+
+@pytest.fixture(scope="module")
 def meta(fixtures_dir):
   return json.load(open(os.path.join(fixtures_dir, "run_meta.json")))
 
@@ -80,7 +86,7 @@ def test_editing_matches_official_pipeline(sampler, meta, fixtures_dir):
 
 
 @pytest.mark.parametrize("name", ["sample.npz", "sample_shift3p2.npz"])
-def test_head_sampler_teacher_forced(sampler, fixtures_dir, name):
+def test_head_sampler_teacher_forced(sampler, stacked_params, fixtures_dir, name):
   """Official conditions and draws per token → our head sampler reproduces each token to 1e-4."""
   f = dict(np.load(os.path.join(fixtures_dir, name)))
   model = NextStep(sampler.cfg)
@@ -90,7 +96,7 @@ def test_head_sampler_teacher_forced(sampler, fixtures_dir, name):
   @jax.jit
   def one(cond, draws):
     def velocity(x, t):
-      v = model.apply(sampler.params, jnp.tile(x, (2, 1)), jnp.full((8,), t), cond, method=NextStep.velocity)
+      v = model.apply(stacked_params, jnp.tile(x, (2, 1)), jnp.full((8,), t), cond, method=NextStep.velocity)
       return flow.combine_branches(v, 2, jnp.float32(7.5), jnp.float32(1.0))
     d = jnp.tile(draws, (1, 2, 1))
     return flow.integrate(velocity, d[0], fcfg, lambda j: d[j + 1])
@@ -99,12 +105,12 @@ def test_head_sampler_teacher_forced(sampler, fixtures_dir, name):
   assert _err("teacher-forced head_out_raw", got, f["head_out_raw"]) <= 1e-4
 
 
-def test_kv_cache_sampling_equals_full_recompute(sampler):
+def test_kv_cache_sampling_equals_full_recompute(sampler, stacked_params):
   """Reference loop without a cache: every step re-runs the whole sequence (prompt + tokens so far)."""
   opts = Options(height=16, width=16, steps=3, cfg=3.0, positive_prompt=None, negative_prompt="", buckets=(32,))
   out = sampler.text_to_image(["a red cube"], opts)
   ids, mask = out.extras["prompt_ids"], out.extras["prompt_mask"]
-  model, p = NextStep(sampler.cfg), sampler.params
+  model, p = NextStep(sampler.cfg), stacked_params
   fcfg = flow.FlowConfig("sde_a", 3, 1.0)
   key = jax.random.key(opts.seed)
   embeds = model.apply(p, jnp.asarray(ids), None, method=NextStep.embed_inputs)
@@ -155,7 +161,7 @@ def test_sharded_sampling_equals_single_device(model_dir):
   single = Sampler.from_checkpoint(model_dir).text_to_image(["a red cube", "a cat"], opts)
   mesh = sharding.mesh_from_shape((2, 2, 2))
   sharded = Sampler.from_checkpoint(model_dir, mesh=mesh)
-  q = sharded.params["params"]["backbone"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  q = sharded.params["unstacked_layers"][0]["self_attn"]["q_proj"]["kernel"]
   assert len(q.sharding.device_set) == 8
   out = sharded.text_to_image(["a red cube", "a cat"], opts)
   assert _err("sharded vs single tokens", out.tokens, single.tokens) <= 1e-4

@@ -86,8 +86,9 @@ class NextStep(Qwen2ForCausalLM):
   def velocity(self, x_NxK: jax.Array, t_N: jax.Array, c_NxD: jax.Array) -> jax.Array:
     return self.image_head(x_NxK, t_N, c_NxD)
 
-  def hidden(self, embeds_BxLxD, key_valid_BxS, positions_BxL=None, cache=None, cache_index=0):
-    return self.backbone(embeds_BxLxD, key_valid_BxS, positions_BxL, cache, cache_index)
+  def hidden(self, embeds_BxLxD, key_valid_BxS, positions_BxL=None, cache=None, cache_index=0,
+             unstacked_layers=None):
+    return self.backbone(embeds_BxLxD, key_valid_BxS, positions_BxL, cache, cache_index, unstacked_layers)
 
   def __call__(self, ids_BxL, image_tokens_BxTxK=None, attention_mask_BxL=None, positions_BxL=None):
     """Full forward (also used for init): returns (fp32 logits (B, L, V), final-normed hidden (B, L, D)).

@@ -77,11 +77,12 @@ def generate_tokens(model: NextStep, params: Any, spec: Spec, ids_RxP: jax.Array
   n, b_img, r = spec.num_tokens, spec.num_images, spec.rows
   k_dim = cfg.token_dim
   s_len = spec.prompt_len + n
-  apply = functools.partial(model.apply, params)
+  layers = params.get("unstacked_layers") if isinstance(params, dict) else None
+  apply = functools.partial(model.apply, {k: v for k, v in params.items() if k != "unstacked_layers"})
   key_valid = jnp.concatenate([mask_RxP.astype(bool), jnp.ones((r, n), bool)], axis=1)
   cache = init_cache(cfg, r, s_len, to_dtype(cfg.dtype))
   embeds = apply(ids_RxP, src_tokens_RxTxK, method=NextStep.embed_inputs)
-  h, cache = apply(embeds, key_valid, None, cache, 0, method=NextStep.hidden)
+  h, cache = apply(embeds, key_valid, None, cache, 0, layers, method=NextStep.hidden)
   noise_for = _noise_fn(spec, key, noise_draws)
   cfg_scale, cfg_img = (jnp.asarray(a, jnp.float32) for a in (cfg_scale, cfg_img))
 
@@ -101,7 +102,7 @@ def generate_tokens(model: NextStep, params: Any, spec: Spec, ids_RxP: jax.Array
     cache, h_last, toks, raws, conds = carry
     tok, raw, c = head(k, h_last)
     emb = apply(jnp.tile(tok, (spec.branches, 1)), method=NextStep.embed_image_token)
-    h_new, cache = apply(emb, key_valid, None, cache, spec.prompt_len + k, method=NextStep.hidden)
+    h_new, cache = apply(emb, key_valid, None, cache, spec.prompt_len + k, layers, method=NextStep.hidden)
     toks = toks.at[:, k].set(tok)
     if spec.progress:
       jax.debug.callback(_tick, k)

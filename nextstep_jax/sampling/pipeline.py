@@ -73,7 +73,14 @@ class Sampler:
   """Holds params (optionally sharded over `mesh`), the tokenizer and the compiled programs."""
 
   def __init__(self, cfg: ModelConfig, params: Any, vae_cfg: VAEConfig | None, vae_params: Any,
-               tokenizer: Any = None, mesh: jax.sharding.Mesh | None = None, param_shardings: Any = None):
+               tokenizer: Any = None, mesh: jax.sharding.Mesh | None = None, param_shardings: Any = None,
+               unstack_layers: bool | None = None):
+    """`unstack_layers` (default: everywhere but TPU) keeps each decoder layer's weights in separate buffers for
+    the token loop (`qwen2.split_layers`); the stacked copy given here is not kept."""
+    from nextstep_jax.models.qwen2 import split_layers
+    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+    if (platform != "tpu" if unstack_layers is None else unstack_layers) and "unstacked_layers" not in params:
+      params = split_layers(params)
     self.cfg, self.params, self.vae_cfg, self.vae_params = cfg, params, vae_cfg, vae_params
     self.tokenizer, self.mesh, self.param_shardings = tokenizer, mesh, param_shardings
     self._compiled: dict[tuple, Any] = {}

@@ -77,12 +77,16 @@ def split(cfg, params, images: int, repeats: int):
   s_len = CAPTION + 6 + n
   key_valid = jnp.ones((rows, s_len), bool)
 
+  from nextstep_jax.models.qwen2 import split_layers
+  decode_params = split_layers(params)
+
   @jax.jit
-  def lm_only(params, emb):
+  def lm_only(dp, emb):
     cache = init_cache(cfg, rows, s_len, jnp.float32)
+    base = {"params": dp["params"]}
     def body(k, carry):
       cache, e = carry
-      h, cache = model.apply(params, e, key_valid, None, cache, k, method=NextStep.hidden)
+      h, cache = model.apply(base, e, key_valid, None, cache, k, dp["unstacked_layers"], method=NextStep.hidden)
       return cache, e + 1e-6 * h
     return jax.lax.fori_loop(0, n, body, (cache, emb))[1]
 
@@ -98,7 +102,7 @@ def split(cfg, params, images: int, repeats: int):
 
   emb = jnp.ones((rows, 1, cfg.hidden_size)) * 0.01
   c = jnp.ones((rows, cfg.hidden_size)) * 0.01
-  _, lm_s, _ = timed(lm_only, params, emb, repeats=repeats)
+  _, lm_s, _ = timed(lm_only, decode_params, emb, repeats=repeats)
   _, head_s, _ = timed(head_only, params, c, repeats=repeats)
   return lm_s / n, head_s / n
 

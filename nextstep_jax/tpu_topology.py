@@ -24,8 +24,9 @@ class PodType:
 
 _GENERATIONS = {
     # product prefix: (topology prefix, chip config, cores counted in name, usable HBM GiB, bf16 TFLOP/s per chip)
+    # usable HBM = the budget XLA:TPU (libtpu 0.0.42) reports in its out-of-memory message ("exceeds available HBM")
     "v4": ("v4", "megacore", 2, 30.75, 275.0),
-    "v5p": ("v5", "megacore", 2, 95.0 * 1e9 / 2**30, 459.0),
+    "v5p": ("v5", "megacore", 2, 95.74, 459.0),
     "v5e": ("v5e", "default", 1, 15.75, 197.0),
     "v6e": ("v6e", "default", 1, 31.25, 918.0),
 }

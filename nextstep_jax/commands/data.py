@@ -105,6 +105,9 @@ def _register_prefs(actions) -> None:
   p.add_argument("--size", type=int, default=64, help="sample side in pixels")
   p.add_argument("--steps", type=int, default=20, help="sampling steps")
   p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+  p.add_argument("--sampler", default="sde_a", help="flow sampler (as `nextstep-jax sample --sampler`)")
+  p.add_argument("--shift", type=float, default=1.0, help="timestep shift")
+  p.add_argument("--no-norm", action="store_true", help="do not re-normalise sampled tokens (use_norm off)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed (also the shapes prompt stream)")
   p.add_argument("--prompts-per-call", type=int, default=8, help="prompts per compiled sampling call")
   p.add_argument("--tokens", choices=("encode", "sampled"), default="encode",
@@ -130,9 +133,12 @@ def _prefs(args) -> int:
   if not args.model or bool(args.prompts) == bool(args.shapes):
     raise ValueError("give --model MODEL_DIR and exactly one of --prompts FILE / --shapes N (or --src to import)")
   prompts = pp.read_prompts(args.prompts) if args.prompts else pp.shapes_prompts(args.shapes, args.seed)
-  settings = pp.SampleSettings(k=args.k, size=args.size, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                               margin=args.margin, prompts_per_call=args.prompts_per_call, tokens=args.tokens)
-  out, c = pp.make_prefs_from_model(args.model, prompts, args.dst, pp.load_scorer(args.scorer), settings,
+  from nextstep_jax.sampling.pipeline import Options
+  opts = Options(height=args.size, width=args.size, steps=args.steps, cfg=args.cfg, method=args.sampler,
+                 shift=args.shift, use_norm=not args.no_norm, seed=args.seed, positive_prompt=None, negative_prompt="")
+  settings = pp.PairSettings(k=args.k, margin=args.margin, prompts_per_call=args.prompts_per_call,
+                             tokens=args.tokens)
+  out, c = pp.make_prefs_from_model(args.model, prompts, args.dst, pp.load_scorer(args.scorer), opts, settings,
                                     args.overwrite)
   pairs = max(c["pairs"], 1)
   print(f"{c['pairs']} pairs from {c['prompts']} prompts ({c['no_margin']} without a {args.margin} score margin) "

@@ -22,6 +22,8 @@ def init_distributed(args) -> None:
   if args.coordinator or args.multihost:
     jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id)
+    print(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} global "
+          f"devices ({jax.local_device_count()} local)", flush=True)
 
 
 def run(args) -> int:

@@ -218,5 +218,10 @@ def held_out_prompts(n: int, seed: int, two_object_prob: float = 0.7) -> list[st
   (caption, layout) pair and the sampling noise used at evaluation; the score therefore measures whether the
   model renders the required colours, kinds, count and relation, not generalisation to unseen word combinations.
   """
+  return [scene.caption for scene in held_out_scenes(n, seed, two_object_prob)]
+
+
+def held_out_scenes(n: int, seed: int, two_object_prob: float = 0.7) -> list[Scene]:
+  """The scenes whose captions `held_out_prompts(n, seed)` returns (render them for ground-truth references)."""
   rng = np.random.default_rng([int(seed), _HELD_OUT_STREAM])
-  return [sample_scene(rng, two_object_prob).caption for _ in range(n)]
+  return [sample_scene(rng, two_object_prob) for _ in range(n)]

@@ -116,7 +116,14 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = make_optimizer(t)
   abstract, shardings = state_shardings(cfg, tx, mesh)
-  data_iter = make_data_iterator(config, cfg)
+  # --- objective dispatch: "fm" (pre-training / SFT) or "dpo" (preference pairs, nextstep_jax/train/dpo.py)
+  objective = t.get("objective", "fm")
+  if objective not in ("fm", "dpo"):
+    raise ValueError(f"config.train.objective={objective!r} is not one of fm, dpo")
+  if objective == "dpo":
+    from nextstep_jax.train import dpo
+  data_iter = dpo.make_data_iterator(config, cfg) if objective == "dpo" else make_data_iterator(config, cfg)
+  # --- end objective dispatch
   ckpt = Checkpointer(workdir, t.save_every, t.keep, t.async_checkpoint)
   is_main = jax.process_index() == 0
   key = jax.random.key(t.seed)
@@ -141,8 +148,13 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
   if encoder is not None:
     b_sh = {k: v for k, v in b_sh.items() if k != "pixel_values"}
     b_sh["image_tokens"] = encoder.sharding(global_shapes["pixel_values"][0])
-  with sharding.use_mesh(mesh):
-    step_fn = jit_train_step(cfg, tx, schedule, t.microbatches, shardings, b_sh, mesh)
+  if objective == "dpo":  # the frozen reference = this stage's initial params (rebuilt the same way on resume)
+    step_fn = dpo.make_step_fn(config, cfg, tx, schedule, shardings, b_sh, mesh, jax.random.fold_in(key, 1),
+                               state.params if start == 0 else None)
+  else:
+    with sharding.use_mesh(mesh):
+      step_fn = jit_train_step(cfg, tx, schedule, t.microbatches, shardings, b_sh, mesh)
+  step_flops = dpo.step_flops if objective == "dpo" else flops_lib.train_step_flops
   peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, t.peak_flops_per_device)
   total_steps = t.steps if max_steps is None else min(t.steps, max_steps)
   step, metrics, preempted, last_saved = start, {}, False, start
@@ -164,7 +176,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
         tokens = int(np.asarray(local["attention_mask"]).sum()) * jax.process_count()
         metrics = {k: float(np.asarray(v)) for k, v in m.items()}
         metrics.update(step_time_s=dt, tokens_per_s=tokens / dt)
-        fl = flops_lib.train_step_flops(cfg, *global_shapes["input_ids"], int(metrics["image_token_count"]))
+        fl = step_flops(cfg, *global_shapes["input_ids"], int(metrics["image_token_count"]))
         if peak:
           metrics.update(mfu=fl.total / dt / (peak * jax.device_count()),
                          mfu_backbone=fl.backbone / dt / (peak * jax.device_count()))

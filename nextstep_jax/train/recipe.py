@@ -14,7 +14,7 @@ import ml_collections
 
 from nextstep_jax.config import experiment, flux_vae, mesh_section, nextstep1_14b, tiny, tiny_vae
 
-STAGES = ("stage1_256px", "stage2_512px", "anneal_512px", "sft", "edit")
+STAGES = ("stage1_256px", "stage2_512px", "anneal_512px", "sft", "edit", "dpo")
 PREVIOUS = {"stage1_256px": None, "stage2_512px": "stage1_256px", "anneal_512px": "stage2_512px",
             "sft": "anneal_512px", "edit": "anneal_512px", "dpo": "sft"}
 
@@ -25,6 +25,7 @@ _OPTIM = {
     "anneal_512px": (20_000, 1e-5, 0.0, 500, "cosine", 512),
     "sft": (10_000, 1e-5, 1e-6, 500, "cosine", 512),
     "edit": (20_000, 1e-5, 1e-6, 500, "cosine", 512),
+    "dpo": (2_000, 1e-6, 1e-6, 100, "constant", 512),  # starting point (not tuned): Diffusion-DPO-style small lr
 }
 # data mixes by source kind (weights); paths are placeholders the user overrides
 _MIX = {
@@ -33,6 +34,7 @@ _MIX = {
     "anneal_512px": {"text": 0.1, "t2i": 0.8, "edit": 0.1},
     "sft": {"text": 0.1, "t2i": 0.9},
     "edit": {"text": 0.1, "t2i": 0.3, "edit": 0.6},
+    "dpo": {"prefs": 1.0},  # ns_prefs pairs (`nextstep-jax data prefs`)
 }
 ROOT = "gs://YOUR_BUCKET/nextstep1"
 
@@ -50,6 +52,7 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
       sample_cfg=3.0,
       peak_flops_per_device=0.0,  # 0: from the device kind (TPU/GPU tables); CPU: pass a measured value
       synthetic_data=False,  # True: in-memory synthetic batches (tests, benchmarks) instead of config.data
+      objective="fm",  # "fm": flow matching + CE (pre-training, SFT); "dpo": preference pairs (train/dpo.py)
   )
   d.update(overrides)
   return ml_collections.ConfigDict(d)
@@ -65,9 +68,25 @@ def _data(stage: str, scale: str, resolution: int):
     data.max_image_tokens = 4096
     data.global_batch_size = 256
     data.tokenizer = f"{ROOT}/qwen2.5-14b/tokenizer"
-    data.sources = [dict(name=k, path=f"{ROOT}/data/{k}_{resolution}px", weight=w, kind=k)
+    data.sources = [dict(name=k, path=f"{ROOT}/data/{k}_{resolution}px", weight=w, kind="" if k == "prefs" else k)
                     for k, w in _MIX[stage].items()]
   return data
+
+
+def _dpo(cfg: ml_collections.ConfigDict, scale: str) -> ml_collections.ConfigDict:
+  """DPO stage (train/dpo.py): objective switch, `config.dpo`, one unpacked pair per row. The reference model is
+  the stage's initial params (the SFT export, like the policy), kept in bf16."""
+  from nextstep_jax.train.dpo import dpo_section
+  cfg.train.objective = "dpo"
+  cfg.dpo = dpo_section()
+  cfg.data.drop_text_prob = 0.0
+  cfg.data.pack = False
+  if scale == "14b":  # caption (≤ ~500 tokens) + 32×32 image block + eos per row; 128 pairs = 256 policy rows
+    cfg.data.seq_len, cfg.data.max_image_tokens, cfg.data.global_batch_size = 1536, 1024, 128
+  else:  # fp32 compute: a bf16 reference would not reproduce the policy's errors at step 0
+    cfg.data.seq_len, cfg.data.max_image_tokens = 48, 16
+    cfg.dpo.ref_dtype = "float32"
+  return cfg
 
 
 def stage_config(stage: str, scale: str = "14b") -> ml_collections.ConfigDict:
@@ -84,7 +103,7 @@ def stage_config(stage: str, scale: str = "14b") -> ml_collections.ConfigDict:
                          vae_from=f"{ROOT}/nextstep1-tokenizer"),
                      data=_data(stage, scale, res))
     cfg.mesh = mesh_section(data=1, fsdp=-1, tensor=1)
-    return cfg
+    return _dpo(cfg, scale) if stage == "dpo" else cfg
   if scale == "tiny":
     cfg = experiment(tiny(), tiny_vae(), train=train_section(
         steps=6, lr=1e-3, end_lr=1e-4, warmup_steps=2, schedule=schedule, save_every=2, log_every=1,
@@ -92,5 +111,5 @@ def stage_config(stage: str, scale: str = "14b") -> ml_collections.ConfigDict:
     cfg.data.global_batch_size = 8
     cfg.data.seq_len = 48 if res == 256 else 96
     cfg.data.max_image_tokens = 16 if res == 256 else 64
-    return cfg
+    return _dpo(cfg, scale) if stage == "dpo" else cfg
   raise ValueError(f"unknown scale {scale!r}; one of 14b, tiny (demo configs live in configs/demo/)")

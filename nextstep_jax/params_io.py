@@ -74,9 +74,16 @@ def save_params_streaming(path: str | os.PathLike, leaves: Iterable[tuple[tuple[
 
 
 def save_params(path: str | os.PathLike, params: Any, overwrite: bool = True) -> None:
-  """Saves a whole (possibly sharded) params tree; leaves are fetched to host one group at a time."""
-  flat = traverse_util.flatten_dict(params)
-  save_params_streaming(path, ((k, np.asarray(jax.device_get(v))) for k, v in flat.items()), overwrite=overwrite)
+  """Saves a whole (possibly sharded) params tree. One process: leaves are fetched to host one group at a time.
+  A multi-host job: a collective Orbax save (every process must call it; each writes its own shards)."""
+  if jax.process_count() == 1:
+    flat = traverse_util.flatten_dict(params)
+    save_params_streaming(path, ((k, np.asarray(jax.device_get(v))) for k, v in flat.items()), overwrite=overwrite)
+    return
+  from orbax.checkpoint.experimental import v1 as ocp_v1
+  if Path(path).exists() and not overwrite:
+    raise FileExistsError(f"{path} already exists; choose a new destination or remove it")
+  ocp_v1.save_pytree(path, params, overwrite=overwrite)
 
 
 def param_metadata(path: str | os.PathLike) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:

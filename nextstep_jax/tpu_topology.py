@@ -30,6 +30,7 @@ _GENERATIONS = {
     "v5e": ("v5e", "default", 1, 15.75, 197.0),
     "v6e": ("v6e", "default", 1, 31.25, 918.0),
 }
+_ALIASES = {"v5litepod": "v5e"}  # the Cloud TPU accelerator-type name of v5e
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
               512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
@@ -39,17 +40,23 @@ def pod_type(name: str) -> PodType:
   """'v5p-256' → PodType(topology 'v5:4x4x8', megacore, …). Raises ValueError listing valid names."""
   try:
     gen, size = name.lower().split("-")
+    gen = _ALIASES.get(gen, gen)
     topo_prefix, chip_config, cores, hbm, tflops = _GENERATIONS[gen]
-    chips = int(size) // cores
-    shape = (_SHAPES_2D if gen in ("v5e", "v6e") else _SHAPES_3D)[chips]
+    if int(size) % cores:
+      raise ValueError(size)
+    shape = (_SHAPES_2D if gen in ("v5e", "v6e") else _SHAPES_3D)[int(size) // cores]
   except (ValueError, KeyError):
     examples = ", ".join(f"{g}-{c}" for g, c in (("v4", 64), ("v5p", 128), ("v5p", 256), ("v5e", 256), ("v6e", 256)))
     raise ValueError(f"unknown TPU pod type {name!r}; use <generation>-<size> such as {examples}") from None
-  return PodType(name.lower(), f"{topo_prefix}:{shape}", chip_config, hbm, tflops)
+  return PodType(f"{gen}-{size}", f"{topo_prefix}:{shape}", chip_config, hbm, tflops)
 
 
 def topology_devices(name: str, num_slices: int = 1) -> tuple[PodType, list]:
   """Compile-only devices for `num_slices` slices of pod `name` (needs the `tpu` extra: libtpu)."""
+  import os
+  # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when it loads; compile-only devices need no exclusive
+  # TPU access, so let several compiling processes (other users, pytest-xdist workers) load it at once
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   pod = pod_type(name)
   try:

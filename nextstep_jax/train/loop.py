@@ -89,11 +89,17 @@ def load_init_params(path: str, cfg: ModelConfig, mesh) -> Any:
 
 
 def export_model(workdir: str, state_params: Any, config, step: int) -> Path:
-  """Params-only model dir at WORKDIR/export (atomic rename), with the VAE and tokenizer of `vae_from`."""
+  """Params-only model dir at WORKDIR/export (atomic rename), with the VAE and tokenizer of `vae_from`.
+  Called by every process of a multi-host job (a collective params save); process 0 writes the rest."""
+  from jax.experimental import multihost_utils
   out = Path(workdir) / "export"
   tmp = Path(workdir) / "export.tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
+  if jax.process_index() == 0:
+    shutil.rmtree(tmp, ignore_errors=True)
+  multihost_utils.sync_global_devices("export_model:clean")
   params_io.save_params(tmp / "params", state_params)
+  if jax.process_index() != 0:
+    return out
   sections = {"model": ModelConfig.from_dict(config.model), "train": {"step": step}}
   src = config.train.vae_from
   if src and Path(src, "vae_params").exists():
@@ -196,8 +202,10 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
         print(f"SIGTERM: saved step {step}, exiting", flush=True)
         break
   ckpt.close()
-  if t.export and step == t.steps and not preempted and is_main:
-    print(f"exported params to {export_model(workdir, state.params, config, step)}", flush=True)
+  if t.export and step == t.steps and not preempted:
+    exported = export_model(workdir, state.params, config, step)
+    if is_main:
+      print(f"exported params to {exported}", flush=True)
   writer.close()
   return TrainResult(step=step, preempted=preempted, last_metrics=metrics)
 

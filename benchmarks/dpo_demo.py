@@ -1,0 +1,147 @@
+"""DPO on the CPU demo: does preference alignment on the demo's own samples, ranked by the shapes evaluator, raise
+the evaluator's score on held-out prompts without collapsing sample diversity?
+
+  nextstep-jax demo --workdir DEMO [--config configs/demo/stage1.py:ci]          # a trained demo model first
+  python -m benchmarks.dpo_demo --demo-workdir DEMO --workdir OUT [--config configs/demo/dpo.py:ci]
+
+Phases (each skipped when its output exists): 1 pairs — `cfg.demo.dpo.pair_prompts` training-distribution prompts,
+K samples each with the demo's sampler, best vs worst by `shapes_score` (fraction of the evaluator's verdicts that
+hold) when they differ by ≥ margin → OUT/prefs; 2 DPO — `train()` with configs/demo/dpo.py (policy and reference
+= the demo export) → OUT/dpo/export; 3 evaluation of the demo export ("before") and the DPO export ("after") on
+the demo's held-out prompts (`held_out_prompts(eval_prompts, eval_seed)`, one image per prompt and eval seed):
+evaluator accuracies and the mean attribute score; diversity on the first `diversity_prompts` prompts with
+`diversity_seeds` samples each: mean pairwise pixel distance (mean |a − b| / 255) and distinct layouts (detections
+quantised to (colour, kind, 4×4 cell)). Results: OUT/dpo_demo.json (and printed).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = str(ROOT / "configs" / "demo" / "dpo.py")
+
+
+def _overrides(demo: Path, prefs: Path) -> list[str]:
+  source = json.dumps({"name": "prefs", "path": str(prefs), "weight": 1.0, "kind": ""})
+  return [f"--config.data.sources=[{source}]", f"--config.data.tokenizer={demo / 'vae' / 'tokenizer'}",
+          f"--config.train.vae_from={demo / 'vae'}", f"--config.train.init_from={demo / 'train' / 'export'}"]
+
+
+def layout_key(image: np.ndarray) -> tuple:
+  """What an image shows, coarsely: sorted (colour, kind, column, row) of its detections on a 4×4 grid."""
+  from nextstep_jax.eval.shapes_scorer import detect
+  return tuple(sorted((d.color, d.kind, min(int(d.cx * 4), 3), min(int(d.cy * 4), 3)) for d in detect(image)))
+
+
+def diversity(images: np.ndarray, per_prompt: int) -> dict:
+  """Mean pairwise pixel distance and distinct layouts among each prompt's `per_prompt` consecutive images."""
+  dist, layouts = [], []
+  for start in range(0, len(images), per_prompt):
+    group = images[start:start + per_prompt].astype(np.float32) / 255.0
+    dist += [float(np.abs(a - b).mean()) for a, b in itertools.combinations(group, 2)]
+    layouts.append(len({layout_key(im) for im in images[start:start + per_prompt]}))
+  return {"pixel_distance": float(np.mean(dist)), "distinct_layouts": float(np.mean(layouts))}
+
+
+def evaluate(model_dir: Path, cfg, prompts: list[str]) -> dict:
+  """Evaluator accuracies (averaged over the eval seeds), mean attribute score, diversity."""
+  from nextstep_jax.data.preference_pairs import shapes_score
+  from nextstep_jax.demo.run import sampling_options
+  from nextstep_jax.eval.shapes_scorer import score_batch
+  from nextstep_jax.sampling.pipeline import Sampler
+  e = cfg.demo.dpo
+  sampler = Sampler.from_checkpoint(model_dir)
+  base = sampling_options(cfg)
+  runs, attr = [], []
+  for seed in e.eval_seeds:
+    images = sampler.text_to_image(prompts, dataclasses.replace(base, seed=int(seed))).images
+    runs.append(score_batch(images, prompts))
+    attr += [shapes_score(im, p) for im, p in zip(images, prompts)]
+  out = {k: float(np.mean([r[k] for r in runs])) for k in ("fully_correct", "color", "kind", "count", "objects",
+                                                           "position", "fully_correct_single", "fully_correct_two")}
+  out["attribute_score"] = float(np.mean(attr))
+  few = prompts[:e.diversity_prompts]
+  images = sampler.text_to_image(few, dataclasses.replace(base, num_images_per_prompt=e.diversity_seeds)).images
+  out.update(diversity(images, e.diversity_seeds))
+  return out
+
+
+def run(demo_workdir: str | os.PathLike, workdir: str | os.PathLike, config: str = DEFAULT_CONFIG,
+        overrides: list[str] | None = None) -> dict:
+  from nextstep_jax.config import load_config
+  from nextstep_jax.data import preference_pairs as pp
+  from nextstep_jax.data.shapes import held_out_prompts
+  from nextstep_jax.demo.run import sampling_options
+  from nextstep_jax.train.loop import train
+  demo, out = Path(demo_workdir).resolve(), Path(workdir).resolve()
+  export = demo / "train" / "export"
+  if not (export / "params").is_dir():
+    raise SystemExit(f"{export} has no trained model; run `nextstep-jax demo --workdir {demo}` first")
+  prefs = out / "prefs"
+  cfg = load_config(config, [*(overrides or []), *_overrides(demo, prefs)])
+  e, timings = cfg.demo.dpo, {}
+  out.mkdir(parents=True, exist_ok=True)
+
+  t0 = time.perf_counter()
+  counts_path = out / "prefs_counts.json"
+  if not counts_path.is_file():
+    prompts = pp.shapes_prompts(e.pair_prompts, e.prompt_seed)
+    _, counts = pp.make_prefs_from_model(export, prompts, prefs, pp.shapes_score, sampling_options(cfg),
+                                         pp.PairSettings(k=e.k, margin=e.margin, prompts_per_call=e.prompts_per_call),
+                                         overwrite=True)
+    counts_path.write_text(json.dumps(counts))
+  counts = json.loads(counts_path.read_text())
+  timings["pairs_s"] = time.perf_counter() - t0
+  print(f"[dpo_demo] {counts['pairs']} pairs from {counts['prompts']} prompts; mean score of the samples "
+        f"{counts['score_mean'] / counts['prompts']:.3f}, chosen {counts['score_best'] / counts['pairs']:.3f}, "
+        f"rejected {counts['score_worst'] / counts['pairs']:.3f}", flush=True)
+
+  t0 = time.perf_counter()
+  result = train(cfg, str(out / "dpo"))
+  timings["dpo_s"] = time.perf_counter() - t0
+  from nextstep_jax.train.metrics import read_history
+  hist = read_history(out / "dpo")
+
+  t0 = time.perf_counter()
+  prompts = held_out_prompts(e.eval_prompts or cfg.demo.eval_prompts, cfg.demo.eval_seed)
+  before, after = evaluate(export, cfg, prompts), evaluate(out / "dpo" / "export", cfg, prompts)
+  timings["eval_s"] = time.perf_counter() - t0
+  report = {"pairs": counts, "before": before, "after": after, "timings": timings, "steps": result.step,
+            "dpo_first": hist[0] if hist else {}, "dpo_last": hist[-1] if hist else {},
+            "settings": {"dpo": cfg.dpo.to_dict(), "lr": cfg.train.lr, "steps": cfg.train.steps,
+                         "pairs_per_batch": cfg.data.global_batch_size, "pair_making": e.to_dict(),
+                         "eval_prompts": len(prompts)}}
+  (out / "dpo_demo.json").write_text(json.dumps(report, indent=2, default=list))
+  print(f"[dpo_demo] {'metric':<22}{'before':>9}{'after':>9}")
+  for k in ("fully_correct", "attribute_score", "color", "kind", "count", "objects", "position", "pixel_distance",
+            "distinct_layouts"):
+    print(f"[dpo_demo] {k:<22}{before[k]:>9.3f}{after[k]:>9.3f}")
+  last = report["dpo_last"]
+  print(f"[dpo_demo] DPO step {result.step}: loss {last.get('dpo_loss', float('nan')):.3f}, reward accuracy "
+        f"{last.get('reward_accuracy', float('nan')):.2f}, margin {last.get('reward_margin', float('nan')):.3f}; "
+        f"timings {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}", flush=True)
+  return report
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--demo-workdir", required=True, help="a finished `nextstep-jax demo` workdir")
+  p.add_argument("--workdir", required=True, help="outputs: prefs/, dpo/, dpo_demo.json")
+  p.add_argument("--config", default=DEFAULT_CONFIG, help="DPO config (':ci' for the reduced demo)")
+  args, rest = p.parse_known_args(argv)
+  run(args.demo_workdir, args.workdir, args.config, [a for a in rest if a.startswith("--config.")])
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -5,6 +5,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
 
@@ -21,3 +24,38 @@ def fixtures_dir():
   path = os.path.join(FIXTURES, "nextstep_tiny")
   assert os.path.isdir(path), f"parity fixtures missing at {path}; the repo must sit beside ../shared"
   return path
+
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+DEMO_CI_CONFIG = os.path.join(ROOT, "configs", "demo", "stage1.py") + ":ci"
+
+
+def subprocess_env() -> dict:
+  """Environment for a demo / benchmark subprocess: one CPU device (8 fake devices on 2 cores only add overhead)
+  and this session's persistent compilation cache."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)
+  env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  return env
+
+
+def run_cli(args: list[str], timeout: int) -> str:
+  """Runs `python -m <args>` in the repo root; fails the test with the output tail when it exits non-zero."""
+  proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=subprocess_env(),
+                        cwd=ROOT, timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def reduced_demo(tmp_path_factory):
+  """(workdir, stdout) of one finished reduced demo (`configs/demo/stage1.py:ci`), trained once per session and
+  shared by the demo and DPO-demo tests (both are in xdist group "demo", so one worker runs them). An existing
+  finished workdir can be supplied with NEXTSTEP_DEMO_WORKDIR."""
+  given = os.environ.get("NEXTSTEP_DEMO_WORKDIR")
+  if given:
+    return given, ""
+  workdir = tmp_path_factory.mktemp("reduced_demo")
+  return str(workdir), run_cli(["nextstep_jax.cli", "demo", "--workdir", str(workdir), "--config", DEMO_CI_CONFIG],
+                               timeout=2400)

@@ -3,14 +3,13 @@ trains a model that clearly beats the same pipeline with an untrained model; out
 demo only rebuilds the report."""
 import json
 import os
-import subprocess
-import sys
+from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import DEMO_CI_CONFIG, run_cli
 from nextstep_jax.config import load_config
 from nextstep_jax.data.shapes import held_out_scenes, render
 from nextstep_jax.eval.shapes_scorer import score_batch
@@ -44,19 +43,8 @@ def test_demo_paths_point_the_stage_config_at_the_workdir(tmp_path):
   assert data.max_image_tokens == (cfg.demo.image_size // data.down_factor) ** 2
 
 
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)  # the demo runs on one CPU device (8 fake devices on 2 cores only add overhead)
-  env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  return env
-
-
 def _demo(workdir):
-  cmd = [sys.executable, "-m", "nextstep_jax.cli", "demo", "--workdir", str(workdir), "--config", f"{CONFIG}:ci"]
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1500)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc.stdout
+  return run_cli(["nextstep_jax.cli", "demo", "--workdir", str(workdir), "--config", DEMO_CI_CONFIG], timeout=1500)
 
 
 def _mtimes(paths):
@@ -64,8 +52,10 @@ def _mtimes(paths):
 
 
 @pytest.mark.slow
-def test_reduced_demo_beats_untrained_model_and_resumes(tmp_path):
-  out = _demo(tmp_path)
+@pytest.mark.xdist_group("demo")
+def test_reduced_demo_beats_untrained_model_and_resumes(reduced_demo):
+  workdir, out = reduced_demo
+  tmp_path = Path(workdir)
   print(out[-2000:])
   scores = json.loads((tmp_path / "scores.json").read_text())
   trained, untrained = scores["trained"], scores["untrained"]

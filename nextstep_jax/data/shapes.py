@@ -10,7 +10,8 @@ the object's square bounding box and `size` its side (circle diameter, square si
 triangle points up). Layouts are built so every caption is unambiguous at any resolution: objects lie fully inside
 the image with a margin, never overlap, are separated by a clear gap along the relation axis, stay within a
 narrow band across it (so the relation is the dominant direction in GenEval's sense), and are at least
-`MIN_SIZE` = 22% of the side (≥ 14 px at 64², enough to survive an 8× downsampling VAE).
+`MIN_SIZE` = 30% of the side (≥ 9.6 px at 32², ≥ 19 px at 64²: large enough that the kind stays legible after a
+small VAE and a small model at the CPU demo's 32×32 px; sizes vary little, which keeps the world easy to learn).
 
 Colours were chosen with well separated hues (red 0°, yellow ~52°, green ~129°, blue ~223°) and high chroma on an
 almost white, chroma-free background, so that blends with the background (anti-aliasing, blur, VAE smearing) keep
@@ -36,11 +37,11 @@ KINDS = ("circle", "square", "triangle")
 RELATIONS = ("above", "below", "to the left of", "to the right of")
 BACKGROUND: tuple[int, int, int] = (240, 240, 240)
 
-MIN_SIZE = 0.22  # smallest object side, relative to the image side
+MIN_SIZE = 0.30  # smallest object side, relative to the image side
 MARGIN = 0.04  # free border around every object
 MIN_GAP = 0.08  # smallest free gap between the two objects along the relation axis
-SINGLE_SIZE = (0.30, 0.50)
-PAIR_SIZE = (MIN_SIZE, 0.34)
+SINGLE_SIZE = (0.40, 0.50)
+PAIR_SIZE = (MIN_SIZE, 0.36)  # two objects + margins + gap must fit: 2·0.36 + 2·MARGIN + MIN_GAP < 1
 MAX_CROSS_RATIO = 0.4  # |offset across the relation axis| <= this × offset along it
 _SUPERSAMPLE = 4
 

@@ -145,7 +145,7 @@ def run_demo(workdir: str | os.PathLike, config_path: str | None = None, overrid
       from nextstep_jax.demo.vae import load_images, save_vae_model, train_vae
       vae_cfg = VAEConfig.from_dict(cfg.vae)
       params = train_vae(vae_cfg, load_images(paths.shapes), paths.vae_train, d)
-      save_vae_model(paths.vae, vae_cfg, params, d.vae_steps)
+      save_vae_model(paths.vae, vae_cfg, params, d.vae_steps, tokenizer=d.get("tokenizer", "bytes"))
 
   with timings.phase(3, "encode", _dataset_done(paths.latents, "ns_latent_t2i"), "cache the VAE latents") as run:
     if run:

@@ -4,8 +4,8 @@ The VAE starts from random initialisation (there is no pretrained tokenizer this
 NextStep tokenizer objective of `nextstep_jax.train.vae_train`: reconstruction (L1 + L2) of images decoded from
 noise-regularised latents z + α·ε, α ~ U(0, γ). Batches are drawn deterministically from (seed, step), and the
 (params, optimizer state) are checkpointed with the training `Checkpointer`, so an interrupted run resumes exactly.
-Output: a model directory (`nextstep_config.json` "vae" section, `vae_params/`, `tokenizer/` — the byte tokenizer
-the LM uses), which `data encode --vae` and `config.train.vae_from` read.
+Output: a model directory (`nextstep_config.json` "vae" section, `vae_params/`, `tokenizer/` — the byte or word
+tokenizer the LM uses, see `save_vae_model`), which `data encode --vae` and `config.train.vae_from` read.
 """
 from __future__ import annotations
 
@@ -83,9 +83,11 @@ def train_vae(cfg: VAEConfig, images_uint8: np.ndarray, workdir: str | Path, dem
   return params
 
 
-def save_vae_model(out_dir: str | Path, cfg: VAEConfig, params: Any, steps: int) -> Path:
-  """Model directory with `vae_params/`, the "vae" config section and the byte tokenizer (atomic rename)."""
+def save_vae_model(out_dir: str | Path, cfg: VAEConfig, params: Any, steps: int, tokenizer: str = "bytes") -> Path:
+  """Model directory with `vae_params/`, the "vae" config section and the tokenizer (atomic rename): "bytes"
+  (`make_byte_tokenizer`) or "words" (the same plus one token per shapes-world word, `demo.text`)."""
   from nextstep_jax import params_io
+  from nextstep_jax.demo.text import make_shapes_tokenizer
   from nextstep_jax.tokens import make_byte_tokenizer
 
   out = Path(out_dir)
@@ -93,7 +95,9 @@ def save_vae_model(out_dir: str | Path, cfg: VAEConfig, params: Any, steps: int)
   shutil.rmtree(tmp, ignore_errors=True)
   params_io.save_params(tmp / "vae_params", params)
   params_io.write_model_config(tmp, {"vae": cfg, "vae_source": {"format": "nextstep-jax demo", "steps": steps}})
-  make_byte_tokenizer(tmp / "tokenizer")
+  if tokenizer not in ("bytes", "words"):
+    raise ValueError(f"tokenizer {tokenizer!r}: expected 'bytes' or 'words'")
+  (make_shapes_tokenizer if tokenizer == "words" else make_byte_tokenizer)(tmp / "tokenizer")
   shutil.rmtree(out, ignore_errors=True)
   tmp.rename(out)
   return out

@@ -13,19 +13,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nextstep_jax import sharding
 from nextstep_jax.config import ModelConfig
 from nextstep_jax.models.nextstep import NextStep, draw_fm_noise, loss_counts
 from nextstep_jax.train.state import TrainState
-
-
-def _split(x: jax.Array, m: int, axis: int = 0) -> jax.Array:
-  """(…, B, …) → (M, …, B/M, …) with row i in micro-batch i mod M."""
-  b = x.shape[axis]
-  if b % m:
-    raise ValueError(f"batch of {b} rows cannot be split into {m} micro-batches; use a divisor of {b}")
-  shape = x.shape[:axis] + (b // m, m) + x.shape[axis + 1:]
-  return jnp.moveaxis(x.reshape(shape), axis + 1, 0)
+from nextstep_jax.train.update import accumulate, guarded_update
 
 
 def make_loss_fn(cfg: ModelConfig):
@@ -45,22 +36,9 @@ def loss_and_grads(cfg: ModelConfig, params: Any, batch: dict[str, jax.Array], k
   counts = loss_counts(cfg, batch)
   b, slots = batch["image_tokens"].shape[:2]
   noise, u = draw_fm_noise(cfg, key, b, slots)
-  grad_fn = jax.value_and_grad(make_loss_fn(cfg), has_aux=True)
-  if microbatches == 1:
-    (loss, terms), grads = grad_fn(params, batch, noise, u, counts)
-    return loss, terms, grads
-  mbs = {k: _split(v, microbatches) for k, v in batch.items()}
-  mbs = {k: sharding.constrain(v, (None, "act_batch") + (None,) * (v.ndim - 2)) for k, v in mbs.items()}
-  mb_noise, mb_u = _split(noise, microbatches, axis=1), _split(u, microbatches, axis=1)
-
-  def body(acc, xs):
-    mb, n, uu = xs
-    (loss, terms), grads = grad_fn(params, mb, n, uu, counts)
-    return jax.tree.map(jnp.add, acc, (loss, terms, grads)), None
-  zeros = (jnp.zeros((), jnp.float32), {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "ce_count", "fm_sum",
-                                                                               "fm_count")},
-           jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-  (loss, terms, grads), _ = jax.lax.scan(body, zeros, (mbs, mb_noise, mb_u))
+  loss_grad = jax.value_and_grad(make_loss_fn(cfg), has_aux=True)
+  grad_fn = lambda p, mb, n, uu: loss_grad(p, mb, n, uu, counts)
+  (loss, terms), grads = accumulate(grad_fn, params, batch, (noise, u), extras_axis=1, microbatches=microbatches)
   return loss, terms, grads
 
 
@@ -69,13 +47,7 @@ def train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: opt
   """One optimizer step. Updates are skipped (and counted) when the loss or gradient norm is not finite."""
   step_key = jax.random.fold_in(key, state.step)
   loss, terms, grads = loss_and_grads(cfg, state.params, batch, step_key, microbatches)
-  grad_norm = optax.global_norm(grads)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, new_opt = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-  new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                         opt_state=keep(new_opt, state.opt_state), skipped=state.skipped + (~ok).astype(jnp.int32))
+  new_state, ok, grad_norm = guarded_update(tx, state, loss, grads)
   metrics = {"loss": loss, "text_loss": terms["ce_sum"] / jnp.maximum(terms["ce_count"], 1.0),
              "image_loss": terms["fm_sum"] / (terms["fm_count"] + 1e-8), "grad_norm": grad_norm,
              "lr": schedule(state.step - state.skipped), "skipped_updates": new_state.skipped, "update_ok": ok,

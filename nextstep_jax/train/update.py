@@ -1,10 +1,10 @@
 """Objective-agnostic pieces of a train step: micro-batch gradient accumulation and the guarded optimizer update.
 
 `accumulate(grad_fn, params, batch, extras, microbatches)` scans `grad_fn(params, mb_batch, *mb_extras)` →
-((loss, sums), grads) over strided micro-batches (row i → micro-batch i mod M, as `step._split`) and adds
-everything up, so `grad_fn` must return losses already normalised by *global* counts. `guarded_update` is the
-NaN/Inf guard + optimizer update of `step.train_step`. The DPO step (`train/dpo.py`) is built from these; the
-flow-matching step in `train/step.py` has the same structure and can be expressed with them.
+((loss, sums), grads) over strided micro-batches (row i → micro-batch i mod M, so each device's rows split
+locally) and adds everything up, so `grad_fn` must return losses already normalised by *global* counts.
+`guarded_update` is the NaN/Inf guard + optimizer update. Both train steps — flow matching (`train/step.py`) and
+DPO (`train/dpo.py`) — are built from these.
 """
 from __future__ import annotations
 
@@ -16,7 +16,15 @@ import optax
 
 from nextstep_jax import sharding
 from nextstep_jax.train.state import TrainState
-from nextstep_jax.train.step import _split
+
+
+def _split(x: jax.Array, m: int, axis: int = 0) -> jax.Array:
+  """(…, B, …) → (M, …, B/M, …) with row i in micro-batch i mod M."""
+  b = x.shape[axis]
+  if b % m:
+    raise ValueError(f"batch of {b} rows cannot be split into {m} micro-batches; use a divisor of {b}")
+  shape = x.shape[:axis] + (b // m, m) + x.shape[axis + 1:]
+  return jnp.moveaxis(x.reshape(shape), axis + 1, 0)
 
 
 def accumulate(grad_fn: Callable, params: Any, batch: dict[str, jax.Array], extras: tuple = (),

@@ -28,7 +28,7 @@ RECOMMENDED = {"stage1_256px": "v5p-256", "stage2_512px": "v5p-256", "anneal_512
                "edit": "v5p-128", "dpo": "v5p-128", "sampler": "v5p-128"}
 SAMPLER_CONFIG = "anneal_512px"  # the sampler row: its model at 512 px, official settings (50 steps, CFG)
 # per pod: tensor-parallel size and packed 8192-token rows per chip per micro-batch (per tensor group)
-LAYOUT = {"v5p": (1, 2), "v5e": (4, 1), "v6e": (1, 1), "v4": (1, 1)}
+LAYOUT = {"v5p": (1, 1), "v5e": (4, 1), "v6e": (1, 1), "v4": (1, 1)}
 
 
 def pod_overrides(stage_config, pod: str) -> list[str]:

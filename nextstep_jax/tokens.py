@@ -361,20 +361,33 @@ def _bytes_to_unicode() -> dict[int, str]:
   return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def make_byte_tokenizer(out_dir: str | os.PathLike) -> str:
+def make_byte_tokenizer(out_dir: str | os.PathLike, words: Sequence[str] = ()) -> str:
   """Writes a byte-level tokenizer like the tiny fixture's into `out_dir` (no downloads) and returns the path.
 
   Every UTF-8 byte is one token with id = byte value; `<|endoftext|>` = 256 (EOS, no BOS); two reserved specials
   257, 258; then `SPECIAL_TOKENS` at 259…267 (`[PAD]` = 259). Loadable with `AutoTokenizer.from_pretrained`.
+  `words` (pre-tokenizer pieces, e.g. " circle") become single tokens through BPE merges, ids 268… (the merged
+  prefixes too); all other text still encodes byte by byte.
   """
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
 
-  vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
-  tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False, byte_fallback=False))
+  b2u = _bytes_to_unicode()
+  vocab = {ch: b for b, ch in b2u.items()}
+  specials = (BYTE_EOS_TOKEN,) + _BYTE_RESERVED + SPECIAL_TOKENS
+  vocab.update({t: 256 + i for i, t in enumerate(specials)})  # in the model vocab: the added specials keep these ids
+  merges = []
+  for word in words:
+    chars = [b2u[b] for b in word.encode()]
+    piece = chars[0]
+    for ch in chars[1:]:
+      if piece + ch not in vocab:
+        vocab[piece + ch] = len(vocab)
+        merges.append((piece, ch))
+      piece = piece + ch
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
   tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
-  specials = (BYTE_EOS_TOKEN,) + _BYTE_RESERVED + SPECIAL_TOKENS
   tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
   for i, t in enumerate(specials):
     assert tok.token_to_id(t) == 256 + i, (t, tok.token_to_id(t))

@@ -108,7 +108,7 @@ def test_data_parallel_only_14b_does_not_fit_and_json_says_so(capsys):
   """Replicating the 14B state on every chip (no fsdp) cannot fit even a v5p chip: the JSON verdict + suggestion."""
   code, r = _aot_json(capsys, "--config", STAGE1_14B, "--topology", "v5p-128", "--config.mesh.data=-1",
                       "--config.mesh.fsdp=1", "--config.data.global_batch_size=64", "--config.data.seq_len=1024",
-                      "--config.data.max_image_tokens=256")
+                      "--config.data.max_image_tokens=256", "--config.train.microbatches=1")
   assert code == 3 and r["ok"] is False and r["fits"] is False and r["exit_code"] == 3, r
   assert r["needed_gib"] > 14e9 * 12 / 2**30 and r["hbm_gib"] == pytest.approx(95.74)
   assert "--config.mesh.fsdp=-1 --config.mesh.data=1" in r["error"]

@@ -304,7 +304,8 @@ def write_report(cfg, paths: DemoPaths, state: dict, config_path: str) -> Path:
       f"- model: hidden {cfg.model.hidden_size}, {cfg.model.num_layers} layers, {cfg.model.num_heads} heads "
       f"({cfg.model.num_kv_heads} KV), flow head {cfg.model.fm_head_layers}×{cfg.model.fm_head_dim} "
       f"(batch_mul {cfg.model.fm_head_batch_mul}); {cfg.train.steps} steps of {cfg.data.global_batch_size}, "
-      f"lr {cfg.train.lr} → {cfg.train.end_lr} ({cfg.train.schedule}), drop_text_prob {cfg.data.drop_text_prob}",
+      f"lr {cfg.train.lr} → {cfg.train.end_lr} ({cfg.train.schedule}), drop_text_prob {cfg.data.drop_text_prob}, "
+      f"{d.get('tokenizer', 'bytes')} tokenizer",
       f"- sampler: {s.method}, {s.steps} steps, CFG {s.cfg} ({s.cfg_schedule}), shift {s.shift}, "
       f"use_norm {s.use_norm}, negative prompt \"\"", "",
       "## Reproduce", "",

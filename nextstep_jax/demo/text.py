@@ -24,39 +24,11 @@ def shapes_words() -> list[str]:
 
 def make_shapes_tokenizer(out_dir: str | os.PathLike, words: list[str] | None = None) -> str:
   """Writes the byte tokenizer with one extra merged token per word (and its prefixes) into `out_dir`."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
+  from tokenizers import Tokenizer
 
-  from nextstep_jax.tokens import (_BYTE_RESERVED, ADDITIONAL_SPECIAL_TOKENS, BYTE_EOS_TOKEN, PAD_TOKEN,
-                                   SPECIAL_TOKENS, _bytes_to_unicode)
-  b2u = _bytes_to_unicode()
-  vocab = {ch: b for b, ch in b2u.items()}
-  specials = (BYTE_EOS_TOKEN,) + _BYTE_RESERVED + SPECIAL_TOKENS
-  vocab.update({t: 256 + i for i, t in enumerate(specials)})  # in the model vocab, so the added specials keep these ids
-  merges = []
-  for word in (shapes_words() if words is None else words):
-    chars = [b2u[b] for b in word.encode()]
-    piece = chars[0]
-    for ch in chars[1:]:
-      if piece + ch not in vocab:
-        vocab[piece + ch] = len(vocab)
-        merges.append((piece, ch))
-      piece = piece + ch
-  if len(vocab) > WORD_VOCAB_SIZE:
-    raise ValueError(f"{len(vocab)} tokens do not fit WORD_VOCAB_SIZE={WORD_VOCAB_SIZE}")
-  tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-  tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-  for i, t in enumerate(specials):
-    assert tok.token_to_id(t) == 256 + i, (t, tok.token_to_id(t))
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=BYTE_EOS_TOKEN, pad_token=PAD_TOKEN,
-                                 padding_side="left", model_max_length=4096, clean_up_tokenization_spaces=False)
-  try:
-    fast.add_special_tokens({"extra_special_tokens": list(ADDITIONAL_SPECIAL_TOKENS)})
-  except (TypeError, ValueError, KeyError):  # transformers < 5
-    fast.add_special_tokens({"additional_special_tokens": list(ADDITIONAL_SPECIAL_TOKENS)})
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  fast.save_pretrained(str(out))
-  return str(out)
+  from nextstep_jax.tokens import make_byte_tokenizer
+  path = make_byte_tokenizer(out_dir, shapes_words() if words is None else words)
+  size = Tokenizer.from_file(str(Path(path) / "tokenizer.json")).get_vocab_size()
+  if size > WORD_VOCAB_SIZE:
+    raise ValueError(f"{size} tokens do not fit WORD_VOCAB_SIZE={WORD_VOCAB_SIZE}")
+  return path

@@ -111,6 +111,7 @@ class FlowHead(nn.Module):
     x_NxT, c_NxC = (sharding.constrain(a, ("act_batch", None)) for a in (x_NxT, c_NxC))
     y = TimestepEmbedder(cfg, name="time_embed")(t_N) + d(cfg.fm_head_dim, "mlp", "fm_embed", "cond_embed")(
         c_NxC.astype(dtype))
+    y = sharding.constrain(y, ("act_batch", None))
     x = d(cfg.fm_head_dim, "token", "fm_embed", "input_proj")(x_NxT.astype(dtype))
     blocks = nn.scan(ResBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast,), length=cfg.fm_head_layers,

@@ -37,6 +37,10 @@ _MIX = {
     "dpo": {"prefs": 1.0},  # ns_prefs pairs (`nextstep-jax data prefs`)
 }
 ROOT = "gs://YOUR_BUCKET/nextstep1"
+# 14B micro-batches: one packed 8192-token row per chip per micro-batch on the stage's recommended pod
+# (benchmarks/aot_table.RECOMMENDED). Two rows per chip need ~690 GiB/chip on v5p (`nextstep-jax aot`), one ~52 GiB;
+# DPO: 2 pairs (4 policy rows of 1536 tokens) per chip need 179 GiB, so one pair per chip per micro-batch.
+_MICROBATCHES_14B = {"stage1_256px": 2, "stage2_512px": 2, "anneal_512px": 4, "sft": 4, "edit": 4, "dpo": 2}
 
 
 def train_section(**overrides) -> ml_collections.ConfigDict:
@@ -98,7 +102,7 @@ def stage_config(stage: str, scale: str = "14b") -> ml_collections.ConfigDict:
     cfg = experiment(dict(nextstep1_14b(), dtype="bfloat16", remat_policy="full", attention_impl="auto"),
                      flux_vae(), train=train_section(
                          steps=steps, lr=lr, end_lr=end_lr, warmup_steps=warmup, schedule=schedule,
-                         save_every=1000, log_every=10,
+                         save_every=1000, log_every=10, microbatches=_MICROBATCHES_14B[stage],
                          init_from=f"{ROOT}/{prev}/export" if prev else f"{ROOT}/qwen2.5-14b",
                          vae_from=f"{ROOT}/nextstep1-tokenizer"),
                      data=_data(stage, scale, res))

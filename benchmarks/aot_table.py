@@ -124,11 +124,18 @@ def _steps(stage: str) -> int | None:
 
 def render(results_path: str, stages: list[str], pods: list[str], dedupe: bool) -> str:
   done = _load(results_path)
+  compiled = {}
   lines = ["| stage | pod | overrides (beyond the stage defaults) | fits | peak GiB/chip (of usable) | compile s "
            "| step s at 50% MFU | stage days at 50% MFU |", "|---|---|---|---|---|---|---|---|"]
   for stage, program, path, pod, over, same in _cells(stages, pods, dedupe):
-    r = done.get((same or stage, pod))
-    if r is None:
+    group = (same or stage, pod)  # cells that compile the identical program
+    r = done.get((stage, pod))  # compiled itself
+    if r is not None:
+      same = None
+      compiled.setdefault(group, (stage, r))
+    elif group in compiled:
+      same, r = compiled[group]
+    else:
       continue
     rec = pod == RECOMMENDED.get(stage)
     pod_cell = f"**{pod}** (rec.)" if rec else pod

@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nextstep_jax.config import ModelConfig, VAEConfig, flux_vae  # noqa: E402
-from nextstep_jax.models.nextstep import NextStep, init_fn  # noqa: E402
+from nextstep_jax.models.nextstep import NextStep, init_fn, split_for_decode  # noqa: E402
 from nextstep_jax.models.qwen2 import init_cache  # noqa: E402
 from nextstep_jax.sampling import flow  # noqa: E402
 from nextstep_jax.sampling.generate import Spec, compiled_program  # noqa: E402
@@ -56,9 +56,8 @@ def _prompt(images: int):
 
 
 def fused(cfg, params, images: int, repeats: int, unstack: bool = True):
-  """The Sampler's program (layers as separate buffers unless `unstack` is False, i.e. the scanned stack)."""
-  from nextstep_jax.models.qwen2 import split_layers
-  params = split_layers(params) if unstack else params
+  """The Sampler's program (layers and head blocks as separate buffers unless `unstack` is False: scanned stacks)."""
+  params = split_for_decode(params) if unstack else params
   spec = Spec(num_images=images, branches=2, prompt_len=CAPTION + 6, grid_h=GRID, grid_w=GRID,
               flow=flow.FlowConfig("sde_a", STEPS, 1.0), noise_repeat=images, decode=False)
   ids, mask = _prompt(images)
@@ -77,12 +76,11 @@ def split(cfg, params, images: int, repeats: int):
   s_len = CAPTION + 6 + n
   key_valid = jnp.ones((rows, s_len), bool)
 
-  from nextstep_jax.models.qwen2 import split_layers
-  decode_params = split_layers(params)
+  decode_params = split_for_decode(params)
 
   @jax.jit
   def lm_only(dp, emb):
-    cache = init_cache(cfg, rows, s_len, jnp.float32)
+    cache = init_cache(cfg, rows, s_len, jnp.float32, per_layer=True)
     base = {"params": dp["params"]}
     def body(k, carry):
       cache, e = carry
@@ -91,19 +89,23 @@ def split(cfg, params, images: int, repeats: int):
     return jax.lax.fori_loop(0, n, body, (cache, emb))[1]
 
   fcfg = flow.FlowConfig("sde_a", STEPS, 1.0)
+  times = jnp.asarray(flow.time_grid(fcfg))
 
   @jax.jit
-  def head_only(params, c):
+  def head_only(dp, c):
+    base, blocks = {"params": dp["params"]}, dp["unstacked_head_blocks"]
     def body(k, x):
-      v_fn = lambda x, t: flow.combine_branches(model.apply(params, jnp.tile(x, (2, 1)), jnp.full((rows,), t), c,
-                                                            method=NextStep.velocity), 2, CFG, 1.0)
+      mods = model.apply(base, times, c + 1e-6 * k, blocks, method=NextStep.head_modulations)
+      v_fn = lambda x, t, i: flow.combine_branches(model.apply(
+          base, jnp.tile(x, (2, 1)), jax.tree.map(lambda m: m[i], mods), blocks,
+          method=NextStep.velocity_from_modulations), 2, CFG, 1.0)
       return flow.integrate(v_fn, x, fcfg, lambda j: jnp.full_like(x, 0.1 * j)) * 0.5
     return jax.lax.fori_loop(0, n, body, jnp.ones((images, cfg.token_dim)))
 
   emb = jnp.ones((rows, 1, cfg.hidden_size)) * 0.01
   c = jnp.ones((rows, cfg.hidden_size)) * 0.01
   _, lm_s, _ = timed(lm_only, decode_params, emb, repeats=repeats)
-  _, head_s, _ = timed(head_only, params, c, repeats=repeats)
+  _, head_s, _ = timed(head_only, decode_params, c, repeats=repeats)
   return lm_s / n, head_s / n
 
 
@@ -122,8 +124,8 @@ def naive(cfg, params, images: int):
   def head_step(p, h_last, key):
     c = model.apply(p, h_last, method=NextStep.condition)
     d = jax.random.normal(key, (STEPS, images, cfg.token_dim))
-    v_fn = lambda x, t: flow.combine_branches(model.apply(p, jnp.tile(x, (2, 1)), jnp.full((rows,), t), c,
-                                                          method=NextStep.velocity), 2, CFG, 1.0)
+    v_fn = lambda x, t, _: flow.combine_branches(model.apply(p, jnp.tile(x, (2, 1)), jnp.full((rows,), t), c,
+                                                             method=NextStep.velocity), 2, CFG, 1.0)
     tok = flow.integrate(v_fn, d[0], fcfg, lambda j: d[j + 1])
     return model.apply(p, jnp.tile(tok, (2, 1)), method=NextStep.embed_image_token), tok
 

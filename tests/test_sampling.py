@@ -95,7 +95,7 @@ def test_head_sampler_teacher_forced(sampler, stacked_params, fixtures_dir, name
 
   @jax.jit
   def one(cond, draws):
-    def velocity(x, t):
+    def velocity(x, t, _):
       v = model.apply(stacked_params, jnp.tile(x, (2, 1)), jnp.full((8,), t), cond, method=NextStep.velocity)
       return flow.combine_branches(v, 2, jnp.float32(7.5), jnp.float32(1.0))
     d = jnp.tile(draws, (1, 2, 1))
@@ -120,7 +120,7 @@ def test_kv_cache_sampling_equals_full_recompute(sampler, stacked_params):
     h, _ = model.apply(p, embeds, full_mask, method=NextStep.hidden)
     c = model.apply(p, h[:, -1], method=NextStep.condition)
     d = jax.random.normal(jax.random.fold_in(key, k), (3, 1, 64))
-    v_fn = lambda x, t: flow.combine_branches(model.apply(p, jnp.tile(x, (2, 1)), jnp.full((2,), t), c,
+    v_fn = lambda x, t, _: flow.combine_branches(model.apply(p, jnp.tile(x, (2, 1)), jnp.full((2,), t), c,
                                                           method=NextStep.velocity), 2, 3.0, 1.0)
     tok = parameter_free_layer_norm(flow.integrate(v_fn, d[0], fcfg, lambda j: d[j + 1]), 1e-6)
     toks.append(np.asarray(tok))

@@ -73,48 +73,106 @@ def modulate(x, shift, scale):
 
 
 class ResBlock(nn.Module):
-  """AdaLN residual MLP block (mlp_ratio 1); scanned, so it returns (x, None)."""
+  """AdaLN residual MLP block (mlp_ratio 1); scanned, so `__call__` returns (x, None).
+
+  `modulation(y)` → (…, 3W) [shift ‖ scale ‖ gate] and `step(x, mod)` split the call so that a sampler can
+  compute the modulations of all flow times at once."""
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, x_NxW, y_NxW):
+  def setup(self):
     d = _Dense(self.cfg)
     w = self.cfg.fm_head_dim
-    shift, scale, gate = jnp.split(d(3 * w, "fm_embed", "fm_mlp", "adaLN_modulation", _ZERO)(nn.silu(y_NxW)), 3, -1)
-    h = modulate(AdaLNLayerNorm(True, to_dtype(self.cfg.param_dtype), name="in_ln")(x_NxW), shift, scale)
-    h = d(w, "fm_embed", "fm_mlp", "mlp_0")(h)
-    h = d(w, "fm_mlp", "fm_embed", "mlp_2")(nn.silu(h))
-    return x_NxW + gate * h, None
+    self.adaLN_modulation = d(3 * w, "fm_embed", "fm_mlp", "adaLN_modulation", _ZERO)
+    self.in_ln = AdaLNLayerNorm(True, to_dtype(self.cfg.param_dtype))
+    self.mlp_0 = d(w, "fm_embed", "fm_mlp", "mlp_0")
+    self.mlp_2 = d(w, "fm_mlp", "fm_embed", "mlp_2")
+
+  def modulation(self, y):
+    return self.adaLN_modulation(nn.silu(y))
+
+  def step(self, x_NxW, mod_Nx3W):
+    shift, scale, gate = jnp.split(mod_Nx3W, 3, -1)
+    h = self.mlp_0(modulate(self.in_ln(x_NxW), shift, scale))
+    return x_NxW + gate * self.mlp_2(nn.silu(h))
+
+  def __call__(self, x_NxW, y_NxW):
+    return self.step(x_NxW, self.modulation(y_NxW)), None
 
 
 class FinalLayer(nn.Module):
+  """(shift, scale) = adaLN(SiLU(y)); Linear(LN(x)·(1+scale)+shift); split like ResBlock."""
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, x_NxW, y_NxW):
+  def setup(self):
     d = _Dense(self.cfg)
-    w = self.cfg.fm_head_dim
-    shift, scale = jnp.split(d(2 * w, "fm_embed", "fm_mlp", "adaLN_modulation", _ZERO)(nn.silu(y_NxW)), 2, -1)
-    h = modulate(AdaLNLayerNorm(False)(x_NxW), shift, scale)
-    return d(self.cfg.token_dim, "fm_embed", "token", "linear", _ZERO)(h)
+    self.adaLN_modulation = d(2 * self.cfg.fm_head_dim, "fm_embed", "fm_mlp", "adaLN_modulation", _ZERO)
+    self.linear = d(self.cfg.token_dim, "fm_embed", "token", "linear", _ZERO)
+
+  def modulation(self, y):
+    return self.adaLN_modulation(nn.silu(y))
+
+  def step(self, x_NxW, mod_Nx2W):
+    shift, scale = jnp.split(mod_Nx2W, 2, -1)
+    return self.linear(modulate(parameter_free_layer_norm(x_NxW, 1e-6), shift, scale))
+
+  def __call__(self, x_NxW, y_NxW):
+    return self.step(x_NxW, self.modulation(y_NxW))
 
 
 class FlowHead(nn.Module):
-  """SimpleMLPAdaLN. `__call__(x_t, t, c) -> velocity` (fp32 out). Res blocks are scanned (`res_blocks` axis 0)."""
+  """SimpleMLPAdaLN. `__call__(x_t, t, c) -> velocity` (fp32 out). Res blocks are scanned (`res_blocks` axis 0).
+
+  Sampling evaluates the head at a fixed grid of S flow times per image token, so it splits the call:
+  `modulations(t_S, c, blocks)` once per token (every adaLN matmul over all S·N rows: the weights are read once,
+  not S times), then `from_modulations(x_t, mods_at_time, blocks)` per flow step. `blocks` are the per-block
+  param trees of `split_blocks` (a loop that slices stacked weights makes XLA:CPU copy them every step)."""
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, x_NxT: jax.Array, t_N: jax.Array, c_NxC: jax.Array) -> jax.Array:
+  def setup(self):
     cfg = self.cfg
     d = _Dense(cfg)
-    dtype = to_dtype(cfg.dtype)
-    x_NxT, c_NxC = (sharding.constrain(a, ("act_batch", None)) for a in (x_NxT, c_NxC))
-    y = TimestepEmbedder(cfg, name="time_embed")(t_N) + d(cfg.fm_head_dim, "mlp", "fm_embed", "cond_embed")(
-        c_NxC.astype(dtype))
-    y = sharding.constrain(y, ("act_batch", None))
-    x = d(cfg.fm_head_dim, "token", "fm_embed", "input_proj")(x_NxT.astype(dtype))
-    blocks = nn.scan(ResBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast,), length=cfg.fm_head_layers,
-                     metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = blocks(cfg, name="res_blocks")(x, y)
-    return FinalLayer(cfg, name="final_layer")(x, y).astype(jnp.float32)
+    self.time_embed = TimestepEmbedder(cfg)
+    self.cond_embed = d(cfg.fm_head_dim, "mlp", "fm_embed", "cond_embed")
+    self.input_proj = d(cfg.fm_head_dim, "token", "fm_embed", "input_proj")
+    self.res_blocks = nn.scan(ResBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast,), length=cfg.fm_head_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+    self.final_layer = FinalLayer(cfg)
+
+  def _embed(self, t, c):
+    """time_embed(t) + cond_embed(c), broadcasting leading axes."""
+    return self.time_embed(t) + self.cond_embed(c.astype(to_dtype(self.cfg.dtype)))
+
+  def _input(self, x_NxT):
+    return self.input_proj(sharding.constrain(x_NxT, ("act_batch", None)).astype(to_dtype(self.cfg.dtype)))
+
+  def __call__(self, x_NxT: jax.Array, t_N: jax.Array, c_NxC: jax.Array) -> jax.Array:
+    y = sharding.constrain(self._embed(t_N, sharding.constrain(c_NxC, ("act_batch", None))), ("act_batch", None))
+    x, _ = self.res_blocks(self._input(x_NxT), y)
+    return self.final_layer(x, y).astype(jnp.float32)
+
+  def modulations(self, t_S: jax.Array, c_NxC: jax.Array, blocks) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """adaLN modulations at S times for N rows: (per block (S, N, 3W), final layer (S, N, 2W))."""
+    c_NxC = sharding.constrain(c_NxC, ("act_batch", None))
+    y = sharding.constrain(self._embed(t_S[:, None], c_NxC[None]), (None, "act_batch", None))
+    block = ResBlock(self.cfg, parent=None)  # free-standing, applied functionally per block
+    per_block = tuple(block.apply({"params": p}, y, method=ResBlock.modulation) for p in blocks)
+    return per_block, self.final_layer.modulation(y)
+
+  def from_modulations(self, x_NxT: jax.Array, mods, blocks) -> jax.Array:
+    """Velocity (N, token_dim) fp32 given one time's modulations (per block (N, 3W), final (N, 2W))."""
+    per_block, final = mods
+    x = self._input(x_NxT)
+    block = ResBlock(self.cfg, parent=None)
+    for p, m in zip(blocks, per_block):
+      x = block.apply({"params": p}, x, m, method=ResBlock.step)
+    return self.final_layer.step(x, final).astype(jnp.float32)
+
+
+def split_blocks(head_params: dict) -> tuple[dict, tuple[dict, ...]]:
+  """FlowHead params → (params without `res_blocks`, tuple of per-block param trees); stacked blocks are sliced
+  (outside jit: separate buffers; inside jit: once per program, outside the token loop)."""
+  rest = dict(head_params)
+  stacked = rest.pop("res_blocks")
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  return rest, tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))

@@ -20,9 +20,9 @@ import numpy as np
 
 from nextstep_jax import sharding
 from nextstep_jax.config import ModelConfig
-from nextstep_jax.models.fm_head import FlowHead
+from nextstep_jax.models.fm_head import FlowHead, split_blocks
 from nextstep_jax.models.layers import dense, to_dtype
-from nextstep_jax.models.qwen2 import Qwen2ForCausalLM
+from nextstep_jax.models.qwen2 import Qwen2ForCausalLM, split_layers
 
 IGNORE = -100
 
@@ -85,6 +85,14 @@ class NextStep(Qwen2ForCausalLM):
 
   def velocity(self, x_NxK: jax.Array, t_N: jax.Array, c_NxD: jax.Array) -> jax.Array:
     return self.image_head(x_NxK, t_N, c_NxD)
+
+  def head_modulations(self, t_S: jax.Array, c_NxD: jax.Array, head_blocks):
+    """The head's adaLN modulations at S flow times (once per image token while sampling; FlowHead.modulations)."""
+    return self.image_head.modulations(t_S, c_NxD, head_blocks)
+
+  def velocity_from_modulations(self, x_NxK: jax.Array, mods, head_blocks) -> jax.Array:
+    """`velocity` at one flow time given that time's slice of `head_modulations`."""
+    return self.image_head.from_modulations(x_NxK, mods, head_blocks)
 
   def hidden(self, embeds_BxLxD, key_valid_BxS, positions_BxL=None, cache=None, cache_index=0,
              unstacked_layers=None):
@@ -164,6 +172,19 @@ def combine_losses(cfg: ModelConfig, terms: dict[str, jax.Array], counts: dict[s
   ce = terms["ce_sum"] / jnp.maximum(counts["ce_count"], 1.0)
   fm = terms["fm_sum"] / (counts["fm_count"] + 1e-8)
   return {"loss": cfg.lm_loss_weight * ce + cfg.im_loss_weight * fm, "text_loss": ce, "image_loss": fm}
+
+
+DECODE_KEYS = ("unstacked_layers", "unstacked_head_blocks")
+
+
+def split_for_decode(params: dict) -> dict:
+  """Token-loop layout (run once, outside jit): decoder layers and head res-blocks as separate per-layer buffers
+  under "unstacked_layers" / "unstacked_head_blocks"; the rest stays under "params". A `lax` loop that slices
+  stacked weights makes XLA:CPU copy them every step (measured: the head's slices cost as much as its math)."""
+  out = split_layers(params)
+  head, blocks = split_blocks(out["params"]["image_head"])
+  out["params"] = dict(out["params"], image_head=head)
+  return dict(out, unstacked_head_blocks=blocks)
 
 
 def init_fn(cfg: ModelConfig, nextstep: bool = True):

@@ -23,7 +23,8 @@ from nextstep_jax.config import ModelConfig
 from nextstep_jax.models import attention
 from nextstep_jax.models.layers import RMSNorm, apply_rope, dense, logical, rope_cos_sin, to_dtype
 
-KVCache = dict  # {"k": (Ly, B, S, G, K), "v": (Ly, B, S, G, K)}
+KVCache = dict  # {"k": (Ly, B, G, S, K), "v": …} stacked, or {"k": Ly-tuple of (B, G, S, K), "v": …} per layer
+# (heads before positions: the layout the attention dots read, so no per-step transpose of the cache)
 
 _INIT = nn.initializers.normal(0.02)
 
@@ -57,10 +58,10 @@ class Attention(nn.Module):
     q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
     new_kv = None
     if kv is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.astype(kv["k"].dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(kv["v"], v.astype(kv["v"].dtype), cache_index, axis=1)
-      new_kv = {"k": k, "v": v}
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
+      write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+          buf, jnp.swapaxes(new, 1, 2).astype(buf.dtype), cache_index, axis=2)
+      new_kv = {"k": write(kv["k"], k), "v": write(kv["v"], v)}
+      k, v = (jnp.swapaxes(new_kv[n], 1, 2).astype(q.dtype) for n in ("k", "v"))
     out = attention.attend(q, k, v, mask_BxLxS, cfg.attention_impl)
     out = checkpoint_name(sharding.constrain(out, ("act_batch", "act_len", "act_heads", "act_head_dim")), "attn_out")
     o = _dense(cfg, cfg.hidden_size, ("q_heads", "head_dim"), ("embed",), "o_proj", use_bias=cfg.o_bias,
@@ -106,14 +107,18 @@ def scanned_layers(cfg: ModelConfig) -> type[nn.Module]:
                  metadata_params={nn.PARTITION_NAME: "layers"})
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-  """Zeroed static KV cache: k, v of shape (layers, batch, max_len, kv_heads, head_dim)."""
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None, per_layer: bool = False) -> KVCache:
+  """Zeroed static KV cache: k, v of shape (layers, batch, kv_heads, max_len, head_dim), or with `per_layer`
+  a tuple of `layers` separate (batch, kv_heads, max_len, head_dim) buffers (the unrolled decode path: each
+  step then updates one position of each buffer in place instead of rewriting a stacked array per layer)."""
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.resolved_head_dim)
   dtype = to_dtype(dtype or cfg.dtype)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  if per_layer:
+    return {name: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for name in ("k", "v")}
+  return {name: jnp.zeros((cfg.num_layers, *shape), dtype) for name in ("k", "v")}
 
 
-CACHE_NAMES = ("layers", "act_batch", "act_len", "act_kv_heads", "act_head_dim")
+CACHE_NAMES = ("layers", "act_batch", "act_kv_heads", "act_len", "act_head_dim")
 
 
 class Qwen2Backbone(nn.Module):
@@ -147,7 +152,7 @@ class Qwen2Backbone(nn.Module):
     cfg = self.cfg
     b, l, _ = embeds_BxLxD.shape
     q_idx = cache_index + jnp.arange(l)
-    s = l if cache is None else cache["k"].shape[2]
+    s = l if cache is None else cache["k"][0].shape[-2]
     if key_valid_BxS.shape != (b, s):
       raise ValueError(f"key_valid has shape {key_valid_BxS.shape}, expected {(b, s)} (batch, keys)")
     mask = (jnp.arange(s)[None, :] <= q_idx[:, None])[None] & key_valid_BxS[:, None, :].astype(bool)
@@ -156,7 +161,8 @@ class Qwen2Backbone(nn.Module):
     cos, sin = rope_cos_sin(positions_BxL, cfg.resolved_head_dim, cfg.rope_theta)
     x = sharding.constrain(embeds_BxLxD.astype(to_dtype(cfg.dtype)), ("act_batch", "act_len", "act_embed"))
     if cache is not None:
-      cache = jax.tree.map(lambda c: sharding.constrain(c, CACHE_NAMES), cache)
+      names = CACHE_NAMES[1:] if isinstance(cache["k"], tuple) else CACHE_NAMES
+      cache = jax.tree.map(lambda c: sharding.constrain(c, names), cache)
     index = jnp.asarray(cache_index, jnp.int32)
     if unstacked_layers is None:
       x, new_cache = self.layers(x, cos, sin, mask, index, cache)
@@ -176,14 +182,21 @@ def split_layers(params: dict) -> dict:
 
 
 def _run_unrolled(cfg, layers, x, cos, sin, mask, index, cache):
+  """Python loop over per-layer params; a stacked cache is split into per-layer buffers and restacked."""
   layer = DecoderLayer(cfg, parent=None)  # a free-standing module, applied functionally per layer
-  new = None if cache is None else dict(cache)
+  stacked = cache is not None and not isinstance(cache["k"], tuple)
+  if stacked:
+    cache = {name: tuple(c) for name, c in cache.items()}
+  new = {"k": [], "v": []}
   for i, p in enumerate(layers):
-    kv = None if cache is None else {"k": new["k"][i], "v": new["v"][i]}
+    kv = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
     x, kv = layer.apply({"params": p}, x, cos, sin, mask, index, kv)
     if cache is not None:
-      new = {"k": new["k"].at[i].set(kv["k"]), "v": new["v"].at[i].set(kv["v"])}
-  return x, new
+      new["k"].append(kv["k"])
+      new["v"].append(kv["v"])
+  if cache is None:
+    return x, None
+  return x, {name: jnp.stack(c) if stacked else tuple(c) for name, c in new.items()}
 
 
 class Qwen2ForCausalLM(nn.Module):

@@ -7,7 +7,8 @@ Timestep shift: t' = t / (s − (s−1)·t). SDE step (SiT-style score from velo
 Variant A (Aug-2025 release, the default): grid linspace(0, 0.96, N) shifted; N−1 SDE steps, then one deterministic
 Euler step of size 0.04 at the last grid time (with shift 3.2 the sampler stops near t ≈ 0.92 — reproduced as is).
 Variant B (NextStep-1.1): grid linspace(0, 1, N+1)[:-1] shifted, then 1.0; N SDE steps ending at t = 1.
-`velocity(x, t) -> v` is the (guided) network; x (B, K) fp32; t a scalar array.
+`velocity(x, t, i) -> v` is the (guided) network; x (B, K) fp32; t = time_grid(cfg)[i] a scalar array (every
+evaluation is at a grid time, so a network may precompute per-time terms and index them by i).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 METHODS = ("sde_a", "sde_b", "euler", "heun")
-Velocity = Callable[[jax.Array, jax.Array], jax.Array]
+Velocity = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 NoiseFn = Callable[[jax.Array], jax.Array]  # SDE step index j (0-based) → ε (B, K)
 
 
@@ -60,8 +61,8 @@ def time_grid(cfg: FlowConfig) -> np.ndarray:
   return shift_time(np.linspace(0, 1, n + 1, dtype=np.float32), s).astype(np.float32)
 
 
-def _sde_step(velocity: Velocity, x, t, t_next, eps):
-  v = velocity(x, t)
+def _sde_step(velocity: Velocity, x, t, t_next, j, eps):
+  v = velocity(x, t, j)
   score = (t * v - x) / (1.0 - t)
   drift = v + (1.0 - t) * score
   dt = t_next - t
@@ -76,18 +77,19 @@ def integrate(velocity: Velocity, x0: jax.Array, cfg: FlowConfig, noise: NoiseFn
     if noise is None:
       raise ValueError("SDE samplers need a noise function")
     n_sde = cfg.num_noise_draws
-    x = jax.lax.fori_loop(0, n_sde, lambda j, x: _sde_step(velocity, x, grid[j], grid[j + 1], noise(j)), x0)
+    x = jax.lax.fori_loop(0, n_sde, lambda j, x: _sde_step(velocity, x, grid[j], grid[j + 1], j, noise(j)), x0)
     if cfg.method == "sde_a":
-      x = x + cfg.last_step_size * velocity(x, grid[cfg.steps - 1])
+      last = cfg.steps - 1
+      x = x + cfg.last_step_size * velocity(x, grid[last], jnp.int32(last))
     return x
   if cfg.method == "euler":
-    return jax.lax.fori_loop(0, cfg.steps, lambda j, x: x + velocity(x, grid[j]) * (grid[j + 1] - grid[j]), x0)
+    return jax.lax.fori_loop(0, cfg.steps, lambda j, x: x + velocity(x, grid[j], j) * (grid[j + 1] - grid[j]), x0)
 
   def heun(j, x):
     t, t_next = grid[j], grid[j + 1]
-    v1 = velocity(x, t)
+    v1 = velocity(x, t, j)
     x_pred = x + v1 * (t_next - t)
-    return x + 0.5 * (v1 + velocity(x_pred, t_next)) * (t_next - t)
+    return x + 0.5 * (v1 + velocity(x_pred, t_next, j + 1)) * (t_next - t)
   return jax.lax.fori_loop(0, cfg.steps, heun, x0)
 
 

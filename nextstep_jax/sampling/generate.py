@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from nextstep_jax.config import ModelConfig, VAEConfig
 from nextstep_jax.models.layers import parameter_free_layer_norm, to_dtype
-from nextstep_jax.models.nextstep import NextStep
+from nextstep_jax.models.fm_head import split_blocks
+from nextstep_jax.models.nextstep import DECODE_KEYS, NextStep
 from nextstep_jax.models.qwen2 import init_cache
 from nextstep_jax.sampling import flow
 
@@ -77,10 +78,15 @@ def generate_tokens(model: NextStep, params: Any, spec: Spec, ids_RxP: jax.Array
   n, b_img, r = spec.num_tokens, spec.num_images, spec.rows
   k_dim = cfg.token_dim
   s_len = spec.prompt_len + n
-  layers = params.get("unstacked_layers") if isinstance(params, dict) else None
-  apply = functools.partial(model.apply, {k: v for k, v in params.items() if k != "unstacked_layers"})
+  layers, head_blocks = (params.get(k) if isinstance(params, dict) else None for k in DECODE_KEYS)
+  params = {k: v for k, v in params.items() if k not in DECODE_KEYS}
+  if head_blocks is None:  # stacked head (TPU default): slice the blocks once, outside the token loop
+    head, head_blocks = split_blocks(params["params"]["image_head"])
+    params = dict(params, params=dict(params["params"], image_head=head))
+  apply = functools.partial(model.apply, params)
+  times = jnp.asarray(flow.time_grid(spec.flow))  # every flow time the head is evaluated at
   key_valid = jnp.concatenate([mask_RxP.astype(bool), jnp.ones((r, n), bool)], axis=1)
-  cache = init_cache(cfg, r, s_len, to_dtype(cfg.dtype))
+  cache = init_cache(cfg, r, s_len, to_dtype(cfg.dtype), per_layer=layers is not None)
   embeds = apply(ids_RxP, src_tokens_RxTxK, method=NextStep.embed_inputs)
   h, cache = apply(embeds, key_valid, None, cache, 0, layers, method=NextStep.hidden)
   noise_for = _noise_fn(spec, key, noise_draws)
@@ -88,10 +94,12 @@ def generate_tokens(model: NextStep, params: Any, spec: Spec, ids_RxP: jax.Array
 
   def head(k, h_last):
     c = apply(h_last, jnp.full((r,), k), spec.grid_w, method=NextStep.condition)
+    mods = apply(times, c, head_blocks, method=NextStep.head_modulations)  # each (S, R, ·)
     scale = flow.guidance_scale(cfg_scale, spec.cfg_schedule, k, n)
 
-    def velocity(x, t):
-      v = apply(jnp.tile(x, (spec.branches, 1)), jnp.full((r,), t, jnp.float32), c, method=NextStep.velocity)
+    def velocity(x, t, i):
+      mods_i = jax.tree.map(lambda m: m[i], mods)
+      v = apply(jnp.tile(x, (spec.branches, 1)), mods_i, head_blocks, method=NextStep.velocity_from_modulations)
       return flow.combine_branches(v, spec.branches, scale, cfg_img)
     x0, eps = noise_for(k, k_dim)
     raw = flow.integrate(velocity, x0, spec.flow, eps)

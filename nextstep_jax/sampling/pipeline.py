@@ -75,12 +75,12 @@ class Sampler:
   def __init__(self, cfg: ModelConfig, params: Any, vae_cfg: VAEConfig | None, vae_params: Any,
                tokenizer: Any = None, mesh: jax.sharding.Mesh | None = None, param_shardings: Any = None,
                unstack_layers: bool | None = None):
-    """`unstack_layers` (default: everywhere but TPU) keeps each decoder layer's weights in separate buffers for
-    the token loop (`qwen2.split_layers`); the stacked copy given here is not kept."""
-    from nextstep_jax.models.qwen2 import split_layers
+    """`unstack_layers` (default: everywhere but TPU) keeps each decoder layer's and head block's weights in
+    separate buffers for the token loop (`nextstep.split_for_decode`); the stacked copy given is not kept."""
+    from nextstep_jax.models.nextstep import split_for_decode
     platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
     if (platform != "tpu" if unstack_layers is None else unstack_layers) and "unstacked_layers" not in params:
-      params = split_layers(params)
+      params = split_for_decode(params)
     self.cfg, self.params, self.vae_cfg, self.vae_params = cfg, params, vae_cfg, vae_params
     self.tokenizer, self.mesh, self.param_shardings = tokenizer, mesh, param_shardings
     self._compiled: dict[tuple, Any] = {}

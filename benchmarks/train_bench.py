@@ -4,7 +4,11 @@ Batch 4 × 300 tokens (40 text + prefix + 256 image placeholders + eoi), CE + FM
 Reports seconds/step and tokens/s in fp32 and with bf16 compute, compile time, MFU against a matmul probe measured
 in the same process (fp32 and bf16-in/fp32-acc), and Orbax checkpoint save/restore time and size.
 
-  python benchmarks/train_bench.py [--steps 5] [--dtypes float32 bfloat16]
+  python benchmarks/train_bench.py [--steps 5] [--dtypes float32 bfloat16] [--remat none dots_no_batch]
+
+bf16 compute on CPU runs the dense layers through `layers.mixed_dot` (bf16 dots with fp32 accumulation, forward
+and backward); `--remat` compares layer-remat policies (on CPU, recomputing instead of storing the per-layer
+activations saves more memory traffic than it costs).
 """
 from __future__ import annotations
 
@@ -45,8 +49,8 @@ def matmul_probe(dtype) -> float:
   return 2 * 1024 * 2048 * 2048 / t
 
 
-def bench(dtype: str, steps: int):
-  cfg = ModelConfig.from_dict(dict(BENCH, dtype=dtype, fm_head_batch_mul=4))
+def bench(dtype: str, steps: int, remat: str = "none"):
+  cfg = ModelConfig.from_dict(dict(BENCH, dtype=dtype, fm_head_batch_mul=4, remat_policy=remat))
   t = ml_collections.ConfigDict(dict(lr=1e-4, end_lr=1e-5, warmup_steps=10, steps=1000, schedule="cosine", b1=0.9,
                                      b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))
   tx, sched = make_optimizer(t)
@@ -93,15 +97,18 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+  ap.add_argument("--remat", nargs="+", default=["none", "dots_no_batch"])
   args = ap.parse_args()
   peaks = {"float32": matmul_probe(jnp.float32), "bfloat16": matmul_probe(jnp.bfloat16)}
   print(f"matmul probe: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
   state = None
   for dtype in args.dtypes:
-    state, compile_s, step_s, tokens, fl = bench(dtype, args.steps)
-    print(f"{dtype:9s}: {step_s:.2f} s/step, {tokens / step_s:6.0f} tokens/s, compile {compile_s:.1f} s, "
-          f"{fl.total / 1e12:.2f} TFLOP/step (backbone {fl.backbone / 1e12:.2f}, head {fl.head / 1e12:.2f}), "
-          f"MFU {fl.total / step_s / peaks[dtype]:.0%} of the probe", flush=True)
+    for remat in args.remat:
+      state, compile_s, step_s, tokens, fl = bench(dtype, args.steps, remat)
+      print(f"{dtype:9s} remat {remat:13s}: {step_s:.2f} s/step, {tokens / step_s:6.0f} tokens/s, "
+            f"compile {compile_s:.1f} s, "
+            f"{fl.total / 1e12:.2f} TFLOP/step (backbone {fl.backbone / 1e12:.2f}, head {fl.head / 1e12:.2f}), "
+            f"MFU {fl.total / step_s / peaks[dtype]:.0%} of the probe", flush=True)
   save_s, restore_s, size = checkpoint_io(state)
   print(f"checkpoint (params + AdamW state + data iterator): save {save_s:.2f} s, restore {restore_s:.2f} s, "
         f"{size / 2**20:.0f} MiB")

@@ -142,6 +142,12 @@ def active_mesh() -> Mesh | None:
   return _MESH.get()
 
 
+def target_platform() -> str:
+  """Platform the code is being compiled for: the active mesh's devices (AOT topologies too), else the default."""
+  mesh = active_mesh()
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 # ----------------------------------------------------------------------------------------------- rules
 
 

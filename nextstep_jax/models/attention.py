@@ -19,15 +19,9 @@ from nextstep_jax import sharding
 MASK_VALUE = float(np.finfo(np.float32).min)
 
 
-def target_platform() -> str:
-  """Platform the code is being compiled for: the active mesh's devices (AOT topologies too), else the default."""
-  mesh = sharding.active_mesh()
-  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-
-
 def resolve_impl(impl: str, q_len: int, kv_len: int, dtype) -> str:
   """Which implementation `impl` means for this call (splash/cudnn need full sequences, not decode steps)."""
-  platform = target_platform()
+  platform = sharding.target_platform()
   if impl == "auto":
     if platform == "tpu":
       impl = "splash"
@@ -51,7 +45,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str 
   if impl == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn").astype(q.dtype)
   if impl == "splash":
-    return splash_attention(q, k, v, mask, interpret=target_platform() != "tpu")
+    return splash_attention(q, k, v, mask, interpret=sharding.target_platform() != "tpu")
   raise ValueError(f"unknown attention implementation {impl!r}; use one of auto, xla, cudnn, splash")
 
 

@@ -1,11 +1,13 @@
 """Shared Linen building blocks with logical axis names: dense layers, RMSNorm, rotate-half RoPE, dtype helpers."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Initializer = Callable[..., jax.Array]
 
@@ -24,11 +26,61 @@ def dense(features: int | Sequence[int], in_names: Sequence[str], out_names: Seq
           dtype: Any, param_dtype: Any, name: str, axis: int | Sequence[int] = -1,
           kernel_init: Initializer = nn.initializers.lecun_normal(),
           bias_init: Initializer = nn.initializers.zeros_init()) -> nn.DenseGeneral:
-  """DenseGeneral with kernel axes `in_names + out_names` and bias axes `out_names`."""
+  """DenseGeneral with kernel axes `in_names + out_names` and bias axes `out_names`; half-precision compute on
+  CPU goes through `mixed_dot` (XLA:CPU would otherwise upcast every bf16 dot, forward and backward, to fp32)."""
+  from nextstep_jax import sharding
+  half = jnp.dtype(to_dtype(dtype)).itemsize < 4
   return nn.DenseGeneral(
       features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
       kernel_init=logical(kernel_init, tuple(in_names) + tuple(out_names)),
-      bias_init=logical(bias_init, tuple(out_names)))
+      bias_init=logical(bias_init, tuple(out_names)),
+      dot_general=_dense_dot if half and sharding.target_platform() == "cpu" else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_dot(x: jax.Array, k: jax.Array, n: int) -> jax.Array:
+  """x (…, I₁…Iₙ) · k (I₁…Iₙ, O…) → (…, O…) in x's dtype, accumulated in fp32; the backward dots take the
+  cotangent in x's dtype too (plain autodiff would feed them an fp32 cotangent, i.e. fp32 dots).
+
+  Every dot is 2-D with the lhs contracted on its last axis; the weight gradient's transposed input is
+  materialised behind an optimization barrier so XLA cannot fold it back into the dot: XLA:CPU runs
+  bf16×bf16→fp32 only in its library (YNNPACK) path, and its fallback kernel rejects that type combination."""
+  lead, ins, outs = x.shape[:x.ndim - n], x.shape[x.ndim - n:], k.shape[n:]
+  return _matmul(x.reshape(-1, _size(ins)), k.reshape(_size(ins), -1)).astype(x.dtype).reshape(lead + outs)
+
+
+def _size(shape) -> int:
+  return int(np.prod(shape, dtype=np.int64))
+
+
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _mixed_dot_fwd(x, k, n):
+  return mixed_dot(x, k, n), (x, k)
+
+
+def _mixed_dot_bwd(n, res, g):
+  x, k = res
+  ins = _size(x.shape[x.ndim - n:])
+  x2, k2 = x.reshape(-1, ins), k.reshape(ins, -1)
+  g2 = g.astype(x.dtype).reshape(x2.shape[0], k2.shape[1])
+  dx = jax.lax.dot_general(g2, k2, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  dk = _matmul(jax.lax.optimization_barrier(x2.T), g2)
+  return dx.astype(x.dtype).reshape(x.shape), dk.astype(k.dtype).reshape(k.shape)
+
+
+mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
+
+
+def _dense_dot(lhs, rhs, dims, precision=None, preferred_element_type=None):
+  """DenseGeneral's dot (trailing input axes · leading kernel axes, no batch axes) as `mixed_dot`."""
+  (lc, rc), (lb, rb) = dims
+  n = len(lc)
+  if lb or rb or tuple(lc) != tuple(range(lhs.ndim - n, lhs.ndim)) or tuple(rc) != tuple(range(n)):
+    return jax.lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=preferred_element_type)
+  return mixed_dot(lhs, rhs, n)
 
 
 class RMSNorm(nn.Module):

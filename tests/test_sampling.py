@@ -155,6 +155,18 @@ def test_same_seed_same_image_and_no_recompile_within_bucket(model_dir):
   assert s.compile_count == 1 and a.compile_s > 0 and b.compile_s == 0 and c.compile_s == 0
 
 
+def test_scanned_layout_program_equals_per_layer_buffers(sampler, stacked_params):
+  """The TPU-default program (scanned decoder stack, stacked KV cache, head blocks sliced inside the program)
+  gives the same tokens as the CPU/GPU default (per-layer weight and KV buffers, pre-split head blocks)."""
+  opts = Options(height=16, width=32, steps=3, cfg=3.0, positive_prompt=None, negative_prompt="", buckets=(32,))
+  scanned = Sampler(sampler.cfg, stacked_params, sampler.vae_cfg, sampler.vae_params, sampler.tokenizer,
+                    unstack_layers=False)
+  assert "unstacked_layers" not in scanned.params and "unstacked_layers" in sampler.params
+  got = scanned.text_to_image(["a red cube"], opts)
+  want = sampler.text_to_image(["a red cube"], opts)
+  assert _err("scanned vs per-layer tokens", got.tokens, want.tokens) <= 1e-4
+
+
 def test_sharded_sampling_equals_single_device(model_dir):
   opts = Options(height=16, width=16, steps=3, num_images_per_prompt=2, positive_prompt=None, negative_prompt="",
                  buckets=(32,))

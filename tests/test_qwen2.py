@@ -69,6 +69,9 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
   err = np.abs(dec - full)[np.asarray(mask).astype(bool)].max()
   print(f"KV-cache vs full forward max abs error: {err:.2e}")
   assert err <= 1e-5
+  per_layer = init_cache(cfg, 2, cache_len, jnp.float32, per_layer=True)  # belongs to the unrolled layers
+  with pytest.raises(ValueError, match="per-layer KV caches"):
+    model.apply(params, ids[:, :5], key_valid, per_layer, 0, method=model.decode)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

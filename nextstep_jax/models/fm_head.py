@@ -170,8 +170,7 @@ class FlowHead(nn.Module):
 
 
 def split_blocks(head_params: dict) -> tuple[dict, tuple[dict, ...]]:
-  """FlowHead params → (params without `res_blocks`, tuple of per-block param trees); stacked blocks are sliced
-  (outside jit: separate buffers; inside jit: once per program, outside the token loop)."""
+  """FlowHead params → (params without `res_blocks`, tuple of per-block param trees)."""
   rest = dict(head_params)
   stacked = rest.pop("res_blocks")
   n = jax.tree.leaves(stacked)[0].shape[0]

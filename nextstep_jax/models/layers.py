@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nextstep_jax import sharding
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -28,7 +30,6 @@ def dense(features: int | Sequence[int], in_names: Sequence[str], out_names: Seq
           bias_init: Initializer = nn.initializers.zeros_init()) -> nn.DenseGeneral:
   """DenseGeneral with kernel axes `in_names + out_names` and bias axes `out_names`; half-precision compute on
   CPU goes through `mixed_dot` (XLA:CPU would otherwise upcast every bf16 dot, forward and backward, to fp32)."""
-  from nextstep_jax import sharding
   half = jnp.dtype(to_dtype(dtype)).itemsize < 4
   return nn.DenseGeneral(
       features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
@@ -45,12 +46,14 @@ def mixed_dot(x: jax.Array, k: jax.Array, n: int) -> jax.Array:
   Every dot is 2-D with the lhs contracted on its last axis; the weight gradient's transposed input is
   materialised behind an optimization barrier so XLA cannot fold it back into the dot: XLA:CPU runs
   bf16×bf16→fp32 only in its library (YNNPACK) path, and its fallback kernel rejects that type combination."""
-  lead, ins, outs = x.shape[:x.ndim - n], x.shape[x.ndim - n:], k.shape[n:]
-  return _matmul(x.reshape(-1, _size(ins)), k.reshape(_size(ins), -1)).astype(x.dtype).reshape(lead + outs)
+  x2, k2 = _as_matrices(x, k, n)
+  return _matmul(x2, k2).astype(x.dtype).reshape(x.shape[:x.ndim - n] + k.shape[n:])
 
 
-def _size(shape) -> int:
-  return int(np.prod(shape, dtype=np.int64))
+def _as_matrices(x, k, n):
+  """x → (M, I), k → (I, O) with I the product of the n contracted axes."""
+  ins = int(np.prod(x.shape[x.ndim - n:], dtype=np.int64))
+  return x.reshape(-1, ins), k.reshape(ins, -1)
 
 
 def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -63,8 +66,7 @@ def _mixed_dot_fwd(x, k, n):
 
 def _mixed_dot_bwd(n, res, g):
   x, k = res
-  ins = _size(x.shape[x.ndim - n:])
-  x2, k2 = x.reshape(-1, ins), k.reshape(ins, -1)
+  x2, k2 = _as_matrices(x, k, n)
   g2 = g.astype(x.dtype).reshape(x2.shape[0], k2.shape[1])
   dx = jax.lax.dot_general(g2, k2, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   dk = _matmul(jax.lax.optimization_barrier(x2.T), g2)

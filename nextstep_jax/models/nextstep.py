@@ -181,10 +181,15 @@ def split_for_decode(params: dict) -> dict:
   """Token-loop layout (run once, outside jit): decoder layers and head res-blocks as separate per-layer buffers
   under "unstacked_layers" / "unstacked_head_blocks"; the rest stays under "params". A `lax` loop that slices
   stacked weights makes XLA:CPU copy them every step (measured: the head's slices cost as much as its math)."""
-  out = split_layers(params)
-  head, blocks = split_blocks(out["params"]["image_head"])
-  out["params"] = dict(out["params"], image_head=head)
+  out, blocks = split_head_blocks(split_layers(params))
   return dict(out, unstacked_head_blocks=blocks)
+
+
+def split_head_blocks(params: dict) -> tuple[dict, tuple[dict, ...]]:
+  """{"params": {..., "image_head": {..., "res_blocks": stacked}}} → (the same without `res_blocks`, per-block
+  param trees) — outside jit: separate buffers; inside jit: sliced once per program, outside the token loop."""
+  head, blocks = split_blocks(params["params"]["image_head"])
+  return dict(params, params=dict(params["params"], image_head=head)), blocks
 
 
 def init_fn(cfg: ModelConfig, nextstep: bool = True):

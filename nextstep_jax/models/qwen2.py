@@ -161,7 +161,11 @@ class Qwen2Backbone(nn.Module):
     cos, sin = rope_cos_sin(positions_BxL, cfg.resolved_head_dim, cfg.rope_theta)
     x = sharding.constrain(embeds_BxLxD.astype(to_dtype(cfg.dtype)), ("act_batch", "act_len", "act_embed"))
     if cache is not None:
-      names = CACHE_NAMES[1:] if isinstance(cache["k"], tuple) else CACHE_NAMES
+      per_layer = isinstance(cache["k"], tuple)
+      if per_layer != (unstacked_layers is not None):
+        raise ValueError("per-layer KV caches (init_cache(..., per_layer=True)) go with unstacked_layers "
+                         "(split_layers), stacked caches with the scanned layers; got one without the other")
+      names = CACHE_NAMES[1:] if per_layer else CACHE_NAMES
       cache = jax.tree.map(lambda c: sharding.constrain(c, names), cache)
     index = jnp.asarray(cache_index, jnp.int32)
     if unstacked_layers is None:
@@ -182,11 +186,8 @@ def split_layers(params: dict) -> dict:
 
 
 def _run_unrolled(cfg, layers, x, cos, sin, mask, index, cache):
-  """Python loop over per-layer params; a stacked cache is split into per-layer buffers and restacked."""
+  """Python loop over per-layer params and (optionally) per-layer KV-cache buffers."""
   layer = DecoderLayer(cfg, parent=None)  # a free-standing module, applied functionally per layer
-  stacked = cache is not None and not isinstance(cache["k"], tuple)
-  if stacked:
-    cache = {name: tuple(c) for name, c in cache.items()}
   new = {"k": [], "v": []}
   for i, p in enumerate(layers):
     kv = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
@@ -194,9 +195,7 @@ def _run_unrolled(cfg, layers, x, cos, sin, mask, index, cache):
     if cache is not None:
       new["k"].append(kv["k"])
       new["v"].append(kv["v"])
-  if cache is None:
-    return x, None
-  return x, {name: jnp.stack(c) if stacked else tuple(c) for name, c in new.items()}
+  return x, None if cache is None else {name: tuple(c) for name, c in new.items()}
 
 
 class Qwen2ForCausalLM(nn.Module):

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 
 from nextstep_jax.config import ModelConfig, VAEConfig
 from nextstep_jax.models.layers import parameter_free_layer_norm, to_dtype
-from nextstep_jax.models.fm_head import split_blocks
-from nextstep_jax.models.nextstep import DECODE_KEYS, NextStep
+from nextstep_jax.models.nextstep import DECODE_KEYS, NextStep, split_head_blocks
 from nextstep_jax.models.qwen2 import init_cache
 from nextstep_jax.sampling import flow
 
@@ -81,8 +80,7 @@ def generate_tokens(model: NextStep, params: Any, spec: Spec, ids_RxP: jax.Array
   layers, head_blocks = (params.get(k) if isinstance(params, dict) else None for k in DECODE_KEYS)
   params = {k: v for k, v in params.items() if k not in DECODE_KEYS}
   if head_blocks is None:  # stacked head (TPU default): slice the blocks once, outside the token loop
-    head, head_blocks = split_blocks(params["params"]["image_head"])
-    params = dict(params, params=dict(params["params"], image_head=head))
+    params, head_blocks = split_head_blocks(params)
   apply = functools.partial(model.apply, params)
   times = jnp.asarray(flow.time_grid(spec.flow))  # every flow time the head is evaluated at
   key_valid = jnp.concatenate([mask_RxP.astype(bool), jnp.ones((r, n), bool)], axis=1)

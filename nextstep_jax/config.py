@@ -53,6 +53,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"  # master weights
   remat_policy: str = "none"
+  scan_unroll: int = 1  # layers per `nn.scan` iteration (backbone and head); = num_layers: straight-line code
   attention_impl: str = "auto"
   # --- NextStep-1
   latent_channels: int = 16
@@ -108,6 +109,8 @@ class ModelConfig:
     _check(self.dtype in DTYPES, f"{p}.dtype={self.dtype!r} is not one of {DTYPES}")
     _check(self.param_dtype in DTYPES, f"{p}.param_dtype={self.param_dtype!r} is not one of {DTYPES}")
     _check(self.remat_policy in REMAT_POLICIES, f"{p}.remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+    _check(isinstance(self.scan_unroll, int) and self.scan_unroll >= 1,
+           f"{p}.scan_unroll={self.scan_unroll!r} must be a positive integer (1: no unrolling)")
     _check(self.attention_impl in ATTENTION_IMPLS,
            f"{p}.attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     for name in ("eos_token_id", "pad_token_id", "image_area_id", "boi_id", "eoi_id", "image_placeholder_id"):

@@ -155,6 +155,16 @@ def test_same_seed_same_image_and_no_recompile_within_bucket(model_dir):
   assert s.compile_count == 1 and a.compile_s > 0 and b.compile_s == 0 and c.compile_s == 0
 
 
+def test_noise_is_tiled_across_prompts_unless_independent(sampler):
+  """Official draws: one noise sequence per image-of-a-prompt, tiled across the batch's prompts (so the same prompt
+  twice gives the same image twice); `independent_noise` gives every image its own draws."""
+  opts = Options(height=16, width=16, steps=3, cfg=3.0, positive_prompt=None, negative_prompt="", buckets=(32,))
+  tiled = sampler.text_to_image(["a red cube", "a red cube"], opts)
+  own = sampler.text_to_image(["a red cube", "a red cube"], dataclasses.replace(opts, independent_noise=True))
+  np.testing.assert_allclose(tiled.tokens[0], tiled.tokens[1], atol=1e-6)
+  assert np.abs(own.tokens[0] - own.tokens[1]).max() > 0.1
+
+
 def test_scanned_layout_program_equals_per_layer_buffers(sampler, stacked_params):
   """The TPU-default program (scanned decoder stack, stacked KV cache, head blocks sliced inside the program)
   gives the same tokens as the CPU/GPU default (per-layer weight and KV buffers, pre-split head blocks)."""

@@ -91,3 +91,22 @@ def test_tiny_model_loss_falls_on_a_fixed_batch():
         f"image loss {first['image_loss']:.3f} → {last['image_loss']:.3f}")
   assert last["text_loss"] < 0.5 * first["text_loss"]
   assert last["image_loss"] < 0.8 * first["image_loss"]
+
+
+def test_unrolled_layer_scan_equals_rolled():
+  """`scan_unroll` (layers per scan iteration, backbone and head) changes the program, not the maths."""
+  import dataclasses
+  from nextstep_jax.train.step import loss_and_grads
+  from nextstep_jax.train.synthetic import synthetic_batch
+  params = random_params(TINY)
+  batch = {k: jnp.asarray(v) for k, v in synthetic_batch(TINY, 0, 4, 32, 8).items()}
+  key = jax.random.key(3)
+  unrolled_cfg = dataclasses.replace(TINY, scan_unroll=TINY.num_layers)
+  fns = [jax.jit(lambda p, c=c: loss_and_grads(c, p, batch, key)) for c in (TINY, unrolled_cfg)]
+  loops = [f.lower(params).as_text().count("stablehlo.while") for f in fns]
+  assert loops[1] < loops[0], loops  # the layer loops are gone
+  rolled, unrolled = (f(params) for f in fns)
+  assert abs(float(unrolled[0]) - float(rolled[0])) <= 1e-6 * abs(float(rolled[0]))
+  err = max_relative_error(unrolled[2], rolled[2])
+  print(f"scan_unroll={TINY.num_layers} vs 1: grads {err:.1e} (relative)")
+  assert err <= 1e-5

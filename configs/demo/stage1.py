@@ -24,7 +24,8 @@ VAE = dict(resolution=IMAGE_SIZE, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_
 # vocab: the demo's word tokenizer (config.demo.tokenizer = "words", nextstep_jax.demo.text: 328 tokens)
 MODEL = dict(vocab_size=336, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
              head_dim=32, rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=256, use_gen_pos_embed=True,
-             fm_head_dim=192, fm_head_layers=2, fm_head_batch_mul=2, lm_loss_weight=0.01, im_loss_weight=1.0)
+             fm_head_dim=192, fm_head_layers=2, fm_head_batch_mul=2, lm_loss_weight=0.01, im_loss_weight=1.0,
+             scan_unroll=4)  # straight-line layers: −5 % step time on the CPU (no stacked-residual updates)
 
 # full demo vs reduced (CI) demo
 _SIZES = {
@@ -59,7 +60,10 @@ def get_config(arg=None):
       encode_batch=64,
       # evaluation: held-out prompts (nextstep_jax.data.shapes.held_out_prompts), one image each
       eval_prompts=size["eval_prompts"], eval_seed=1,
-      sample=dict(cfg=3.0, steps=50, method="sde_a", shift=1.0, use_norm=True, cfg_schedule="constant", seed=0),
+      # independent_noise: every prompt its own draws (the official sampler tiles one draw across a batch's prompts,
+      # which makes a whole evaluation hinge on a single noise sequence)
+      sample=dict(cfg=3.0, steps=50, method="sde_a", shift=1.0, use_norm=True, cfg_schedule="constant", seed=0,
+                  independent_noise=True),
       baseline=True,  # also sample the untrained model (zero steps, same VAE and sampler) as the chance level
       grid_cols=10, grid_scale=2,
   ))

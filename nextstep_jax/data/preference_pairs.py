@@ -98,7 +98,8 @@ def sampled_pairs(sampler, prompts: Sequence[str], score: Scorer, opts, s: PairS
   n_out = 0
   for call, start in enumerate(range(0, len(prompts), s.prompts_per_call)):
     chunk = list(prompts[start:start + s.prompts_per_call])
-    call_opts = dataclasses.replace(opts, num_images_per_prompt=s.k, seed=opts.seed + call, decode=True)
+    call_opts = dataclasses.replace(opts, num_images_per_prompt=s.k, seed=opts.seed + call, decode=True,
+                                    independent_noise=True)  # not one noise set tiled across the call's prompts
     out = sampler.text_to_image(chunk, call_opts)
     tokens = encode(out.images) if encode is not None else np.asarray(out.tokens, np.float32)
     for j, prompt in enumerate(chunk):

@@ -198,7 +198,7 @@ def sampling_options(cfg) -> Any:
   s, size = cfg.demo.sample, cfg.demo.image_size
   return Options(height=size, width=size, cfg=s.cfg, steps=s.steps, method=s.method, shift=s.shift,
                  use_norm=s.use_norm, cfg_schedule=s.cfg_schedule, seed=s.seed, positive_prompt=None,
-                 negative_prompt="")
+                 negative_prompt="", independent_noise=s.independent_noise)
 
 
 def untrained_params(cfg) -> Any:

@@ -136,6 +136,7 @@ class FlowHead(nn.Module):
     self.input_proj = d(cfg.fm_head_dim, "token", "fm_embed", "input_proj")
     self.res_blocks = nn.scan(ResBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(nn.broadcast,), length=cfg.fm_head_layers,
+                              unroll=min(cfg.scan_unroll, cfg.fm_head_layers),
                               metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     self.final_layer = FinalLayer(cfg)
 

@@ -104,6 +104,7 @@ def scanned_layers(cfg: ModelConfig) -> type[nn.Module]:
     layer = nn.remat(layer, policy=REMAT[cfg.remat_policy], prevent_cse=False)
   return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+                 unroll=min(cfg.scan_unroll, cfg.num_layers),
                  metadata_params={nn.PARTITION_NAME: "layers"})
 
 

@@ -46,6 +46,10 @@ class Options:
   positive_prompt: str | None = T2I_POSITIVE  # text-to-image only
   negative_prompt: str | None = None  # None: the official default of the mode
   num_images_per_prompt: int = 1
+  # False: the official draws — `num_images_per_prompt` noise sequences tiled across the prompts of a batch, so
+  # every prompt of one call sees the same noise (needed for parity). True: every image its own noise (evaluation,
+  # preference pairs: one call then samples as many independent draws as it has images)
+  independent_noise: bool = False
   seed: int = 0
   buckets: tuple[int, ...] = DEFAULT_BUCKETS
   decode: bool = True
@@ -133,8 +137,9 @@ class Sampler:
     use_cfg = opts.cfg > 1
     rows = tok.t2i_cfg_rows(prompts, gh, gw, opts.num_images_per_prompt, opts.positive_prompt,
                             T2I_NEGATIVE if opts.negative_prompt is None else opts.negative_prompt, cfg=use_cfg)
-    return self._run(rows, None, 2 if use_cfg else 1, len(prompts) * opts.num_images_per_prompt, gh, gw, opts,
-                     1.0, opts.num_images_per_prompt, noise_draws)
+    num_images = len(prompts) * opts.num_images_per_prompt
+    noise_repeat = num_images if opts.independent_noise else opts.num_images_per_prompt
+    return self._run(rows, None, 2 if use_cfg else 1, num_images, gh, gw, opts, 1.0, noise_repeat, noise_draws)
 
   def edit(self, caption: str, image_uint8: np.ndarray | None, opts: Options = Options(),
            noise_draws: np.ndarray | None = None) -> Result:

@@ -61,9 +61,10 @@ def test_reduced_demo_beats_untrained_model_and_resumes(reduced_demo):
   trained, untrained = scores["trained"], scores["untrained"]
   print("trained", trained, "\nuntrained", untrained, "\nground truth", scores["ground_truth"])
   # the same pipeline (VAE, sampler, prompts) with zero training steps is the chance level
-  # (reduced demo, 32 prompts: ~0.25 trained vs 0.0 untrained measured; 4 of 32 prompts is the bar)
-  assert trained["fully_correct"] >= untrained["fully_correct"] + 0.125, (trained, untrained)
-  assert trained["color"] >= untrained["color"] + 0.25 and trained["count"] > untrained["count"]
+  # (reduced demo, 128 prompts, every image its own noise: 17 of 128 fully correct measured vs 0 untrained; the
+  # bar, 8 of 128, is ≈ 2.5 standard errors below that and still far from chance)
+  assert trained["fully_correct"] >= untrained["fully_correct"] + 0.06, (trained, untrained)
+  assert trained["color"] >= untrained["color"] + 0.1 and trained["count"] > untrained["count"]  # measured +0.26, +0.59
   assert scores["ground_truth"]["fully_correct"] >= 0.95
   # outputs
   report = (tmp_path / "report.md").read_text()

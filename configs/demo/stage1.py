@@ -29,8 +29,8 @@ MODEL = dict(vocab_size=336, hidden_size=128, intermediate_size=384, num_layers=
 
 # full demo vs reduced (CI) demo
 _SIZES = {
-    "full": dict(num_examples=10_000, vae_steps=400, lm_steps=2600, eval_prompts=100),
-    "ci": dict(num_examples=2_000, vae_steps=150, lm_steps=600, eval_prompts=32),
+    "full": dict(num_examples=10_000, vae_steps=400, lm_steps=3200, eval_prompts=100),
+    "ci": dict(num_examples=2_000, vae_steps=150, lm_steps=600, eval_prompts=128),
 }
 
 

@@ -4,7 +4,7 @@ Batch 4 × 300 tokens (40 text + prefix + 256 image placeholders + eoi), CE + FM
 Reports seconds/step and tokens/s in fp32 and with bf16 compute, compile time, MFU against a matmul probe measured
 in the same process (fp32 and bf16-in/fp32-acc), and Orbax checkpoint save/restore time and size.
 
-  python benchmarks/train_bench.py [--steps 5] [--dtypes float32 bfloat16] [--remat none dots_no_batch]
+  python benchmarks/train_bench.py [--steps 5] [--dtypes float32 bfloat16] [--remat none dots_no_batch] [--scan-unroll 1 12]
 
 bf16 compute on CPU runs the dense layers through `layers.mixed_dot` (bf16 dots with fp32 accumulation, forward
 and backward); `--remat` compares layer-remat policies (on CPU, recomputing instead of storing the per-layer
@@ -13,6 +13,7 @@ activations saves more memory traffic than it costs).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import sys
@@ -49,8 +50,8 @@ def matmul_probe(dtype) -> float:
   return 2 * 1024 * 2048 * 2048 / t
 
 
-def bench(dtype: str, steps: int, remat: str = "none"):
-  cfg = ModelConfig.from_dict(dict(BENCH, dtype=dtype, fm_head_batch_mul=4, remat_policy=remat))
+def bench(dtype: str, steps: int, remat: str = "none", unroll: int = 1):
+  cfg = ModelConfig.from_dict(dict(BENCH, dtype=dtype, fm_head_batch_mul=4, remat_policy=remat, scan_unroll=unroll))
   t = ml_collections.ConfigDict(dict(lr=1e-4, end_lr=1e-5, warmup_steps=10, steps=1000, schedule="cosine", b1=0.9,
                                      b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))
   tx, sched = make_optimizer(t)
@@ -98,14 +99,15 @@ def main():
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   ap.add_argument("--remat", nargs="+", default=["none", "dots_no_batch"])
+  ap.add_argument("--scan-unroll", type=int, nargs="+", default=[1], help="ModelConfig.scan_unroll values to compare")
   args = ap.parse_args()
   peaks = {"float32": matmul_probe(jnp.float32), "bfloat16": matmul_probe(jnp.bfloat16)}
   print(f"matmul probe: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
   state = None
   for dtype in args.dtypes:
-    for remat in args.remat:
-      state, compile_s, step_s, tokens, fl = bench(dtype, args.steps, remat)
-      print(f"{dtype:9s} remat {remat:13s}: {step_s:.2f} s/step, {tokens / step_s:6.0f} tokens/s, "
+    for remat, unroll in itertools.product(args.remat, args.scan_unroll):
+      state, compile_s, step_s, tokens, fl = bench(dtype, args.steps, remat, unroll)
+      print(f"{dtype:9s} remat {remat:13s} unroll {unroll:2d}: {step_s:.2f} s/step, {tokens / step_s:6.0f} tokens/s, "
             f"compile {compile_s:.1f} s, "
             f"{fl.total / 1e12:.2f} TFLOP/step (backbone {fl.backbone / 1e12:.2f}, head {fl.head / 1e12:.2f}), "
             f"MFU {fl.total / step_s / peaks[dtype]:.0%} of the probe", flush=True)

@@ -1,11 +1,15 @@
 """Trainer step: sharded == single device (4 meshes, real rule table), gradient accumulation == one big batch,
 NaN guard, optimizer masks and schedule, a tiny model's loss falls."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 
+from nextstep_jax.train.step import loss_and_grads
+from nextstep_jax.train.synthetic import synthetic_batch
 from sharding_harness import TEST_MESHES, max_relative_error
 from train_utils import TINY, random_params, run_steps, train_cfg
 
@@ -95,9 +99,6 @@ def test_tiny_model_loss_falls_on_a_fixed_batch():
 
 def test_unrolled_layer_scan_equals_rolled():
   """`scan_unroll` (layers per scan iteration, backbone and head) changes the program, not the maths."""
-  import dataclasses
-  from nextstep_jax.train.step import loss_and_grads
-  from nextstep_jax.train.synthetic import synthetic_batch
   params = random_params(TINY)
   batch = {k: jnp.asarray(v) for k, v in synthetic_batch(TINY, 0, 4, 32, 8).items()}
   key = jax.random.key(3)

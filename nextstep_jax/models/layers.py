@@ -44,10 +44,10 @@ def mixed_dot(x: jax.Array, k: jax.Array, n: int) -> jax.Array:
   """x (…, I₁…Iₙ) · k (I₁…Iₙ, O…) → (…, O…) in x's dtype, accumulated in fp32; the backward dots take the
   cotangent in x's dtype too (plain autodiff would feed them an fp32 cotangent, i.e. fp32 dots).
 
-  Every dot (but the fp32 forward, which is the plain dot) is 2-D with the lhs contracted on its last axis;
-  the weight gradient's transposed input is
-  materialised behind an optimization barrier so XLA cannot fold it back into the dot: XLA:CPU runs
-  bf16×bf16→fp32 only in its library (YNNPACK) path, and its fallback kernel rejects that type combination."""
+  Every dot (but the fp32 forward, which is the plain dot) is 2-D with the lhs contracted on its last axis; the
+  weight gradient's transposed input is materialised behind an optimization barrier so XLA cannot fold it back
+  into the dot: XLA:CPU runs bf16×bf16→fp32 only in its library (YNNPACK) path, and its fallback kernel rejects
+  that type combination."""
   if jnp.dtype(x.dtype).itemsize >= 4:  # fp32: the plain dot (the forward-only decode program is unchanged)
     return jax.lax.dot_general(x, k, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
   x2, k2 = _as_matrices(x, k, n)

@@ -10,6 +10,7 @@ import sys  # noqa: E402
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
+from xdist_crash_safe import pytest_xdist_make_scheduler  # noqa: E402,F401  (a crashed worker must not hang CI)
 
 _CACHE = os.environ.get("NEXTSTEP_JAX_TEST_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))

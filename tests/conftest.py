@@ -1,8 +1,18 @@
 """Test setup: 8 fake CPU devices, CPU only, and the persistent compilation cache (shared across xdist workers)."""
 import os
 
+
+def cpu_xla_flags(devices: int = 8) -> str:
+  """XLA_FLAGS for `devices` fake CPU devices. The concurrency-optimised HLO scheduler is off: with it, XLA:CPU
+  (jaxlib 0.10.2) sometimes runs a sharded train step's collectives in different orders on different devices —
+  e.g. on mesh (2, 4, 1) devices 0–3 waited in an 8-way all-gather while 4–7 waited in a 4-way one — until the
+  40 s rendezvous timeout aborts the process (5 of 11 fresh-process runs; 0 of 13 with the flag)."""
+  return f"--xla_force_host_platform_device_count={devices} --xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cpu_xla_flags()).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import subprocess  # noqa: E402

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from conftest import cpu_xla_flags
 from nextstep_jax import params_io
 from nextstep_jax.train.metrics import read_history
 
@@ -22,7 +23,7 @@ RTOL = 1e-5
 
 def _env(devices: int) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             XLA_FLAGS=cpu_xla_flags(devices),
              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")  # the default in jax 0.10; explicit for older versions
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # two processes writing one cache entry: keep them independent
   return env

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from conftest import cpu_xla_flags
 from nextstep_jax import params_io, sharding
 from nextstep_jax.config import ModelConfig, load_config
 from nextstep_jax.train.loop import load_init_params, train
@@ -23,7 +24,7 @@ TINY1 = os.path.join(ROOT, "configs", "tiny", "stage1_256px.py")
 
 def _env():
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+             XLA_FLAGS=cpu_xla_flags())
   env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   return env

@@ -1,5 +1,5 @@
-"""The crash-safe `--dist loadgroup` scheduler (tests/xdist_crash_safe.py): a worker that dies mid-run yields a
-failed test and a finished session, not a hang, and the other tests — grouped and ungrouped — all still run."""
+"""The test harness's crash handling: the crash-safe `--dist loadgroup` scheduler (tests/xdist_crash_safe.py) turns a
+worker that dies mid-run into one failed test and a finished session (not a hang, every other test still run)."""
 import os
 import subprocess
 import sys
@@ -36,3 +36,5 @@ def test_crashed_worker_is_reported_and_the_run_finishes(tmp_path):
   assert proc.returncode == 1, out[-2000:]
   assert "1 failed, 6 passed" in out, out[-2000:]
   assert "crashed while running 'test_suite.py::test_crash'" in out, out[-2000:]
+
+

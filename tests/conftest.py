@@ -11,8 +11,7 @@ def cpu_xla_flags(devices: int = 8) -> str:
 
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cpu_xla_flags()).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cpu_xla_flags()).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import subprocess  # noqa: E402

@@ -22,19 +22,13 @@ def test_group_2(): pass
 '''
 
 
-def _run(tmp_path, *plugin_args):
-  (tmp_path / "test_suite.py").write_text(CRASHING_SUITE)
-  env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
-  return subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-q", "-p", "no:cacheprovider",
-                         "-p", "no:faulthandler", *plugin_args, "test_suite.py"], cwd=tmp_path, env=env,
-                        capture_output=True, text=True, timeout=120)
-
-
 def test_crashed_worker_is_reported_and_the_run_finishes(tmp_path):
-  proc = _run(tmp_path, "-p", "xdist_crash_safe")
+  (tmp_path / "test_suite.py").write_text(CRASHING_SUITE)
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-q",
+                         "-p", "xdist_crash_safe", "-p", "no:cacheprovider", "-p", "no:faulthandler", "test_suite.py"],
+                        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.path.dirname(__file__)),
+                        capture_output=True, text=True, timeout=120)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 1, out[-2000:]
   assert "1 failed, 6 passed" in out, out[-2000:]
   assert "crashed while running 'test_suite.py::test_crash'" in out, out[-2000:]
-
-

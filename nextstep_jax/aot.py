@@ -201,7 +201,7 @@ def train_batch_shapes(config, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   else:
     slots = int(d.max_image_tokens or length)
   shapes = {k: (b, length) for k in ("input_ids", "attention_mask", "positions", "labels")}
-  shapes.update(image_tokens=(b, slots, cfg.token_dim), image_loss_mask=(b, slots))
+  shapes.update(image_tokens=(b, slots, cfg.token_dim), image_loss_mask=(b, slots), image_token_grid=(b, slots, 4))
   return shapes
 
 

@@ -61,6 +61,9 @@ class ModelConfig:
   fm_head_dim: int = 48
   fm_head_layers: int = 2
   fm_head_batch_mul: int = 4
+  # official `noise_strength` (training only): the LM reads its input latents + N(0,1)·σ, σ rising linearly from 0
+  # to this over each image's latent pixels in raster order; targets stay clean (models/image_grid.py)
+  input_noise_strength: float = 0.0
   lm_loss_weight: float = 0.01
   im_loss_weight: float = 1.0
   head_uses_out_projector: bool = True  # False = Aug-2025 training forward (raw hidden → head)
@@ -104,6 +107,8 @@ class ModelConfig:
     _check(self.num_heads % self.num_kv_heads == 0,
            f"{p}.num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}; "
            f"GQA needs num_heads to be a multiple of num_kv_heads")
+    _check(self.input_noise_strength >= 0,
+           f"{p}.input_noise_strength={self.input_noise_strength} must be >= 0 (0 = no input noise)")
     _check(self.rms_norm_eps > 0, f"{p}.rms_norm_eps={self.rms_norm_eps} must be > 0")
     _check(self.rope_theta > 0, f"{p}.rope_theta={self.rope_theta} must be > 0")
     _check(self.dtype in DTYPES, f"{p}.dtype={self.dtype!r} is not one of {DTYPES}")

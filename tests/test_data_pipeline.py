@@ -167,9 +167,12 @@ def test_known_caption_and_image_give_spec_sequence(data):
     np.testing.assert_array_equal(batch["image_tokens"][0, :4], tokens)
     assert not batch["image_tokens"][0, 4:].any()
     np.testing.assert_array_equal(batch["image_loss_mask"][0], [1.0] * 4 + [0.0] * 28)
+    np.testing.assert_array_equal(batch["image_token_grid"][0, :4], [[0, 0, 2, 2], [0, 1, 2, 2], [1, 0, 2, 2],
+                                                                     [1, 1, 2, 2]])  # (row, col, rows, cols)
+    assert not batch["image_token_grid"][0, 4:].any()
     assert {k: v.dtype for k, v in batch.items()} == dict(
         input_ids=np.int32, attention_mask=np.int32, positions=np.int32, labels=np.int32, image_tokens=np.float32,
-        image_loss_mask=np.float32)
+        image_loss_mask=np.float32, image_token_grid=np.int32)
 
 
 def _samples_of_row(ids):
@@ -186,7 +189,7 @@ def _samples_of_row(ids):
         k += 1
       h, w = (int(x) for x in bytes(real[j + 1:k].tolist()).decode().split("*"))
       assert (real[k + 1:k + 1 + h * w] == PH).all() and real[k + 1 + h * w] == EOI, "image block split or wrong"
-      blocks.append(h * w)
+      blocks.append((h, w))
       j = k + 2 + h * w
     else:
       assert real[j] != PH, "placeholder outside an image block"
@@ -202,10 +205,15 @@ def test_packing_never_splits_an_image(data):
       blocks = _samples_of_row(batch["input_ids"][r])
       toks = batch["image_tokens"][r]
       n = int((batch["input_ids"][r] == PH).sum())
-      assert n == sum(blocks)
+      assert n == sum(h * w for h, w in blocks)
       assert not toks[n:].any() and not batch["image_loss_mask"][r, n:].any()
+      assert not batch["image_token_grid"][r, n:].any()
       pos = 0
-      for size in blocks:  # each block's tokens are one whole image, in order
+      for h, w in blocks:  # each block's tokens are one whole image, in order
+        size = h * w
+        rr, cc = np.divmod(np.arange(size), w)  # every image's grid restarts at (0, 0)
+        np.testing.assert_array_equal(batch["image_token_grid"][r, pos:pos + size],
+                                      np.stack([rr, cc, np.full(size, h), np.full(size, w)], -1))
         tag = toks[pos:pos + size, 0]
         assert (tag == tag[0]).all()
         np.testing.assert_array_equal(toks[pos:pos + size, 1], np.arange(size))

@@ -140,7 +140,9 @@ def test_pipeline_batches_pairs_skips_bad_records_and_resumes(tmp_path):
   for _ in range(3):  # 9 good records per epoch, 4 rows per batch
     b = next(it)
     assert set(b) == {"input_ids", "attention_mask", "positions", "labels", "image_tokens", REJECTED,
-                      "image_loss_mask"}
+                      "image_loss_mask", "image_token_grid"}
+    np.testing.assert_array_equal(b["image_token_grid"][:, :4], np.broadcast_to(
+        [[0, 0, 2, 2], [0, 1, 2, 2], [1, 0, 2, 2], [1, 1, 2, 2]], (4, 4, 4)))  # the 2×2 images' (row, col, rows, cols)
     assert b[REJECTED].shape == b["image_tokens"].shape == (4, 8, 64) and b["input_ids"].shape == (4, 40)
     for r in range(4):
       i = int(b["image_tokens"][r, 0, 0])

@@ -77,7 +77,8 @@ def model_config_from_release(hf: dict[str, Any], tokenizer_dir: Path | None = N
         latent_channels=hf["latent_channels"], latent_patch_size=hf["latent_patch_size"],
         fm_head_dim=hf["fm_head_dim"], fm_head_layers=hf["fm_head_layers"],
         fm_head_batch_mul=hf.get("fm_head_batch_mul", 4), lm_loss_weight=hf.get("lm_loss_weight", 0.01),
-        im_loss_weight=hf.get("im_loss_weight", 1.0), use_gen_pos_embed=bool(hf.get("use_gen_pos_embed", False)),
+        im_loss_weight=hf.get("im_loss_weight", 1.0), input_noise_strength=float(hf.get("noise_strength", 0.0)),
+        use_gen_pos_embed=bool(hf.get("use_gen_pos_embed", False)),
         base_image_grid_size=hf.get("base_image_grid_size", 32), eos_token_id=eos[0] if isinstance(eos, list) else eos,
         pad_token_id=pad, image_area_id=area, boi_id=hf["boi"], eoi_id=hf["eoi"],
         image_placeholder_id=hf["image_placeholder_id"])
@@ -101,6 +102,7 @@ def release_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
       "latent_channels": cfg.latent_channels, "latent_patch_size": cfg.latent_patch_size,
       "fm_head_dim": cfg.fm_head_dim, "fm_head_layers": cfg.fm_head_layers, "fm_head_batch_mul": cfg.fm_head_batch_mul,
       "lm_loss_weight": cfg.lm_loss_weight, "im_loss_weight": cfg.im_loss_weight,
+      "noise_strength": cfg.input_noise_strength,
       "use_gen_pos_embed": cfg.use_gen_pos_embed, "base_image_grid_size": cfg.base_image_grid_size,
       "boi": cfg.boi_id, "eoi": cfg.eoi_id, "image_placeholder_id": cfg.image_placeholder_id,
       "pad_token_id_added": cfg.pad_token_id, "vae_name_or_path": "vae", "torch_dtype": dtype,

@@ -9,7 +9,8 @@ flat (each image still carries its own `h*w` area tag), so only the sequence len
 Batch (B rows, L = seq_len, T image slots) — the contract the model and trainer are written against:
   input_ids (B, L) int32, attention_mask (B, L) int32, positions (B, L) int32, labels (B, L) int32 (pads −100),
   image_tokens (B, T, D) float32 + image_loss_mask (B, T) float32 — or, with encode_on_the_fly,
-  pixel_values (B, H, W, 3) float32 in [−1, 1] + image_loss_mask (B, h·w).
+  pixel_values (B, H, W, 3) float32 in [−1, 1] + image_loss_mask (B, h·w); image_token_grid (B, T or h·w, 4)
+  int32 (row, col, rows, cols) of every slot's token (models/image_grid.py), zeros in empty slots.
   `_skipped`: list of skip markers met while building this batch (stripped by the DataIterator); at the end of
   finite data a batch may be only {"_skipped": [...], "_empty": True}.
 
@@ -180,6 +181,7 @@ def assemble_batch(rows: list[list[dict]], s: PackSpec) -> dict[str, np.ndarray]
   else:
     pixel_values = np.zeros((b, *s.pixel_hw, 3), np.float32)
     image_loss_mask = np.zeros((b, s.pixel_tokens), np.float32)
+  token_grid = np.zeros(image_loss_mask.shape + (4,), np.int32)
   for r, samples in enumerate(rows):
     pos = tpos = 0
     for el in samples:
@@ -193,13 +195,16 @@ def assemble_batch(rows: list[list[dict]], s: PackSpec) -> dict[str, np.ndarray]
       if s.pixel_hw is None:
         image_tokens[r, tpos:tpos + m] = el["tokens"]
         image_loss_mask[r, tpos:tpos + m] = el["token_loss"]
+        token_grid[r, tpos:tpos + m] = el["token_grid"]
       elif "pixels" in el:
         pixel_values[r] = to_float(el["pixels"])
         image_loss_mask[r] = 1.0
+        token_grid[r] = el["pixel_grid"]
       pos, tpos = pos + n, tpos + m
     if s.reset_positions:
       positions[r, pos:] = np.arange(length - pos, dtype=np.int32)
-  out = dict(input_ids=input_ids, attention_mask=attention_mask, positions=positions, labels=labels)
+  out = dict(input_ids=input_ids, attention_mask=attention_mask, positions=positions, labels=labels,
+             image_token_grid=token_grid)
   if s.pixel_hw is None:
     out.update(image_tokens=image_tokens, image_loss_mask=image_loss_mask)
   else:

@@ -48,8 +48,10 @@ from nextstep_jax.data.samples import ToSample, record_name, tag_index
 from nextstep_jax.tokens import load_tokenizer
 
 logger = logging.getLogger("nextstep_jax.data")
-BATCH_KEYS_LATENT = ("input_ids", "attention_mask", "positions", "labels", "image_tokens", "image_loss_mask")
-BATCH_KEYS_PIXELS = ("input_ids", "attention_mask", "positions", "labels", "pixel_values", "image_loss_mask")
+BATCH_KEYS_LATENT = ("input_ids", "attention_mask", "positions", "labels", "image_tokens", "image_loss_mask",
+                     "image_token_grid")
+BATCH_KEYS_PIXELS = ("input_ids", "attention_mask", "positions", "labels", "pixel_values", "image_loss_mask",
+                     "image_token_grid")
 
 
 def _config(cfg: Any) -> DataConfig:
@@ -242,4 +244,5 @@ def batch_shapes(cfg: Any) -> dict[str, Any]:
   else:
     out["image_tokens"] = jax.ShapeDtypeStruct((b, cfg.image_slots, cfg.token_dim), np.float32)
     out["image_loss_mask"] = jax.ShapeDtypeStruct((b, cfg.image_slots), np.float32)
+  out["image_token_grid"] = jax.ShapeDtypeStruct(out["image_loss_mask"].shape + (4,), np.int32)
   return out

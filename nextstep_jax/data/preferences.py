@@ -31,6 +31,7 @@ from nextstep_jax.data.config import validate_data_config
 from nextstep_jax.data.packing import PackSpec, assemble_batch
 from nextstep_jax.data.records import BadRecord
 from nextstep_jax.data.samples import _clean_text, _tokens as _record_tokens, tag_index
+from nextstep_jax.models.image_grid import grid_slots
 from nextstep_jax.tokens import load_tokenizer
 
 PREFS = "ns_prefs"
@@ -94,7 +95,8 @@ class ToPair:
       return {"skip": e.reason, "source": self.source, "index": int(index), "detail": e.detail}
     ids = load_tokenizer(self.tokenizer).t2i_training_sequence(prompt, *grid)
     return {"ids": np.asarray(ids, np.int32), "tokens": chosen, "rejected": rejected,
-            "token_loss": np.ones((len(chosen),), np.float32), "source": self.source, "index": int(index)}
+            "token_loss": np.ones((len(chosen),), np.float32), "token_grid": grid_slots(*grid),
+            "source": self.source, "index": int(index)}
 
 
 class PairBatchIterDataset(grain.IterDataset):

@@ -4,19 +4,22 @@ A sample is a dict of numpy arrays:
   ids          int32 (n,)       the training sequence (placeholders where image tokens go)
   tokens       float32 (m, D)   image tokens of every image in the sequence, in order (m = #placeholders)
   token_loss   float32 (m,)     1 where the flow-matching loss applies (t2i: all; edit: the target image only)
-  pixels       uint8 (H, W, 3)  only with encode_on_the_fly (then m = 0 and the row's image is these pixels)
+  token_grid   int32 (m, 4)     (row, col, rows, cols) of each image token (models/image_grid.py)
+  pixels       uint8 (H, W, 3)  only with encode_on_the_fly (then m = 0 and the row's image is these pixels),
+  pixel_grid   int32 (h·w, 4)   with `pixels`: the token_grid of the image the encoder will make of them
 A record that cannot be used becomes a skip marker {"skip": reason, "source": name, "index": i, "detail": str}.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from nextstep_jax.data.buckets import nearest_bucket
 from nextstep_jax.data.records import BadRecord, decode_image, require_text
 from nextstep_jax.images import resize_center_crop
+from nextstep_jax.models.image_grid import grid_slots
 from nextstep_jax.tokens import SPECIAL_TOKENS, EditDropProbs, load_tokenizer
 
 
@@ -92,10 +95,10 @@ class ToSample:
       if self.storage == "latents":
         tokens, grid = _tokens(record, "tokens", "grid", self.token_dim)
         return _sample(tok.t2i_training_sequence(caption, *grid, drop_text=drop_text), tokens,
-                       np.ones((len(tokens),), np.float32))
+                       np.ones((len(tokens),), np.float32), [grid])
       pixels, grid = prepare_image(record["image"], self.grids, self.down_factor, self.min_size_ratio)
       out = _sample(tok.t2i_training_sequence(caption, *grid, drop_text=drop_text), empty, np.zeros((0,), np.float32))
-      out["pixels"] = pixels
+      out["pixels"], out["pixel_grid"] = pixels, grid_slots(*grid)
       return out
     if self.kind == "edit":
       instruction = _clean_text(record["instruction"], "instruction")
@@ -105,13 +108,16 @@ class ToSample:
       tgt, tgt_grid = _tokens(record, "tgt_tokens", "tgt_grid", self.token_dim)
       ids, images = tok.edit_training_sequence(instruction, src_grid, tgt_grid, self.edit_drops.choose(rng))
       parts = [(src, 0.0) if i == 0 else (tgt, 1.0) for i in images]
+      grids = [src_grid if i == 0 else tgt_grid for i in images]
       return _sample(ids, np.concatenate([t for t, _ in parts]),
-                     np.concatenate([np.full((len(t),), w, np.float32) for t, w in parts]))
+                     np.concatenate([np.full((len(t),), w, np.float32) for t, w in parts]), grids)
     raise ValueError(f"unknown source kind {self.kind!r}")
 
 
-def _sample(ids: list[int], tokens: np.ndarray, token_loss: np.ndarray) -> dict:
-  return {"ids": np.asarray(ids, np.int32), "tokens": tokens, "token_loss": token_loss}
+def _sample(ids: list[int], tokens: np.ndarray, token_loss: np.ndarray, grids: Sequence[tuple[int, int]] = ()) -> dict:
+  """A sample; `grids` (rows, cols) of its images in order give `token_grid` (n_tokens, 4) (models/image_grid.py)."""
+  token_grid = np.concatenate([grid_slots(*g) for g in grids]) if grids else np.zeros((0, 4), np.int32)
+  return {"ids": np.asarray(ids, np.int32), "tokens": tokens, "token_loss": token_loss, "token_grid": token_grid}
 
 
 def tag_index(index: int, record: Any) -> tuple[int, Any]:

@@ -6,7 +6,9 @@ Parameter tree = Qwen2ForCausalLM's (`backbone`, `lm_head`) plus `image_in_proje
 Batch contract (training; B rows, L positions, T image-token slots per row):
   input_ids (B, L) int32 with `image_placeholder_id` where image tokens go; attention_mask (B, L) 1 = real;
   positions (B, L) RoPE positions; labels (B, L) (−100 = ignore; position j predicts labels[j+1]);
-  image_tokens (B, T, token_dim) filling the row's placeholders in order; image_loss_mask (B, T).
+  image_tokens (B, T, token_dim) filling the row's placeholders in order; image_loss_mask (B, T);
+  image_token_grid (B, T, 4) (row, col, rows, cols) per slot — needed with use_gen_pos_embed / input noise
+  (models/image_grid.py).
 The hidden state at position j conditions the image token at position j+1.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from nextstep_jax import sharding
 from nextstep_jax.config import ModelConfig
 from nextstep_jax.models.fm_head import FlowHead, split_blocks
+from nextstep_jax.models.image_grid import batch_grid, input_noise_scale, pos_index
 from nextstep_jax.models.layers import dense, to_dtype
 from nextstep_jax.models.qwen2 import Qwen2ForCausalLM, split_layers
 
@@ -73,12 +76,15 @@ class NextStep(Qwen2ForCausalLM):
     """(B, token_dim) → (B, 1, D): the next decoder input during sampling."""
     return self.image_in_projector(tok_BxK.astype(to_dtype(self.cfg.dtype)))[:, None, :]
 
-  def condition(self, h_NxD: jax.Array, token_index_N: jax.Array | None = None, grid_w: int | None = None):
-    """Head condition from final-normed hidden states: (+ gen_pos_embed) → image_out_projector (config)."""
+  def condition(self, h_NxD: jax.Array, token_index_N: jax.Array | None = None, grid_w: Any = None):
+    """Head condition from final-normed hidden states: (+ gen_pos_embed) → image_out_projector (config).
+
+    Token k of an image `grid_w` tokens wide (an int or (N,)) is at (k // grid_w, k % grid_w) and takes table
+    entry row·base_grid + col (the official sub-grid); grid_w None = the base grid's width."""
     cfg = self.cfg
     if cfg.use_gen_pos_embed and token_index_N is not None:
       table = jnp.asarray(sincos_2d_table(cfg.hidden_size, cfg.base_image_grid_size))
-      w = grid_w or cfg.base_image_grid_size
+      w = cfg.base_image_grid_size if grid_w is None else grid_w
       row, col = token_index_N // w, token_index_N % w
       h_NxD = h_NxD + table[row * cfg.base_image_grid_size + col].astype(h_NxD.dtype)
     return self.image_out_projector(h_NxD) if cfg.head_uses_out_projector else h_NxD
@@ -112,18 +118,25 @@ class NextStep(Qwen2ForCausalLM):
 
   # ------------------------------------------------------------------------------------------- loss
 
-  def loss_terms(self, batch: dict[str, jax.Array], fm_noise: jax.Array, fm_u: jax.Array) -> dict[str, jax.Array]:
+  def loss_terms(self, batch: dict[str, jax.Array], fm_noise: jax.Array, fm_u: jax.Array,
+                 input_noise: jax.Array | None = None) -> dict[str, jax.Array]:
     """Un-normalised loss sums and counts for one (micro-)batch: ce_sum, ce_count, fm_sum, fm_count (fp32).
 
     fm_noise (mul, B, T, token_dim) and fm_u (mul, B, T) are the flow-matching draws (`draw_fm_noise`), drawn
     for the whole global batch so micro-batching and sharding do not change them; the replica-major flattening
-    (mul·B·T rows) is the official layout.
+    (mul·B·T rows) is the official layout. input_noise (B, T, token_dim) ~ N(0, I): the official input noise,
+    scaled by `input_noise_scale` and added to the tokens the LM reads (used when input_noise_strength > 0).
     """
     cfg = self.cfg
     ids, mask = batch["input_ids"], batch["attention_mask"]
     image_tokens = batch["image_tokens"]
     b, t_slots = image_tokens.shape[:2]
-    h, _ = self.backbone(self.embed_inputs(ids, image_tokens), mask, batch.get("positions"))
+    grid = batch_grid(cfg, batch)
+    lm_tokens = image_tokens
+    if input_noise is not None and cfg.input_noise_strength > 0:
+      scale = input_noise_scale(grid, cfg.latent_patch_size, cfg.latent_channels, cfg.input_noise_strength)
+      lm_tokens = image_tokens + (input_noise.astype(jnp.float32) * scale).astype(image_tokens.dtype)
+    h, _ = self.backbone(self.embed_inputs(ids, lm_tokens), mask, batch.get("positions"))
 
     # text: position j predicts labels[j+1], unless that target is an image placeholder or ignored
     labels = batch["labels"][:, 1:]
@@ -135,8 +148,7 @@ class NextStep(Qwen2ForCausalLM):
     # image: the hidden before each placeholder conditions that placeholder's token
     slots, slot_valid = placeholder_slots(ids, cfg.image_placeholder_id, t_slots)
     h_cond = jnp.take_along_axis(h, jnp.maximum(slots - 1, 0)[..., None], axis=1)  # (B, T, D)
-    k_index = jnp.broadcast_to(jnp.arange(t_slots)[None], (b, t_slots)).reshape(-1)
-    cond = self.condition(h_cond.reshape(b * t_slots, -1), k_index)
+    cond = self.condition(h_cond.reshape(b * t_slots, -1), *(pos_index(grid) if grid is not None else ()))
     weight = (slot_valid & (batch["image_loss_mask"] > 0)).astype(jnp.float32).reshape(-1)
     mul = cfg.fm_head_batch_mul
     x1 = jnp.tile(image_tokens.reshape(b * t_slots, -1).astype(jnp.float32), (mul, 1))
@@ -148,6 +160,14 @@ class NextStep(Qwen2ForCausalLM):
     w = jnp.tile(weight, (mul,))
     return {"ce_sum": ce_sum, "ce_count": jnp.sum(ce_valid).astype(jnp.float32),
             "fm_sum": jnp.sum(per_token * w), "fm_count": jnp.sum(w)}
+
+
+def draw_input_noise(cfg: ModelConfig, key: jax.Array, batch: int, slots: int) -> tuple[jax.Array, ...]:
+  """() without input noise, else (ε (1, B, T, token_dim) ~ N(0, I),): the leading 1 lets it ride with the
+  flow-matching draws (split on axis 1 by micro-batching)."""
+  if cfg.input_noise_strength <= 0:
+    return ()
+  return (jax.random.normal(jax.random.fold_in(key, 7), (1, batch, slots, cfg.token_dim), jnp.float32),)
 
 
 def draw_fm_noise(cfg: ModelConfig, key: jax.Array, batch: int, slots: int) -> tuple[jax.Array, jax.Array]:

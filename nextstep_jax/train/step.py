@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from nextstep_jax.config import ModelConfig
-from nextstep_jax.models.nextstep import NextStep, draw_fm_noise, loss_counts
+from nextstep_jax.models.nextstep import NextStep, draw_fm_noise, draw_input_noise, loss_counts
 from nextstep_jax.train.state import TrainState
 from nextstep_jax.train.update import accumulate, guarded_update
 
@@ -22,8 +22,9 @@ from nextstep_jax.train.update import accumulate, guarded_update
 def make_loss_fn(cfg: ModelConfig):
   model = NextStep(cfg)
 
-  def loss_fn(params, batch, noise, u, counts):
-    terms = model.apply(params, batch, noise, u, method=NextStep.loss_terms)
+  def loss_fn(params, batch, noise, u, counts, *input_noise):
+    extra = (input_noise[0][0],) if input_noise else ()  # (1, B, T, K) → (B, T, K)
+    terms = model.apply(params, batch, noise, u, *extra, method=NextStep.loss_terms)
     loss = (cfg.lm_loss_weight * terms["ce_sum"] / jnp.maximum(counts["ce_count"], 1.0)
             + cfg.im_loss_weight * terms["fm_sum"] / (counts["fm_count"] + 1e-8))
     return loss, terms
@@ -35,10 +36,10 @@ def loss_and_grads(cfg: ModelConfig, params: Any, batch: dict[str, jax.Array], k
   """(total loss, summed terms, fp32 grads) of a global batch, accumulated over `microbatches`."""
   counts = loss_counts(cfg, batch)
   b, slots = batch["image_tokens"].shape[:2]
-  noise, u = draw_fm_noise(cfg, key, b, slots)
+  draws = draw_fm_noise(cfg, key, b, slots) + draw_input_noise(cfg, key, b, slots)
   loss_grad = jax.value_and_grad(make_loss_fn(cfg), has_aux=True)
-  grad_fn = lambda p, mb, n, uu: loss_grad(p, mb, n, uu, counts)
-  (loss, terms), grads = accumulate(grad_fn, params, batch, (noise, u), extras_axis=1, microbatches=microbatches)
+  grad_fn = lambda p, mb, n, uu, *extra: loss_grad(p, mb, n, uu, counts, *extra)
+  (loss, terms), grads = accumulate(grad_fn, params, batch, draws, extras_axis=1, microbatches=microbatches)
   return loss, terms, grads
 
 

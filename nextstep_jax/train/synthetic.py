@@ -12,6 +12,7 @@ import grain
 import numpy as np
 
 from nextstep_jax.config import ModelConfig
+from nextstep_jax.models.image_grid import grid_slots
 
 
 def synthetic_batch(cfg: ModelConfig, index: int, batch: int, seq_len: int, image_tokens: int, seed: int = 0,
@@ -31,9 +32,11 @@ def synthetic_batch(cfg: ModelConfig, index: int, batch: int, seq_len: int, imag
   labels = np.where(mask > 0, ids, -100).astype(np.int32)
   toks = rng.standard_normal((batch, n, cfg.token_dim)).astype(np.float32)
   toks = (toks - toks.mean(-1, keepdims=True)) / toks.std(-1, keepdims=True)
+  rows = max((d for d in range(1, int(np.sqrt(n)) + 1) if n % d == 0), default=1)  # the squarest grid of n tokens
   return {"input_ids": ids, "attention_mask": mask,
           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
-          "labels": labels, "image_tokens": toks, "image_loss_mask": np.ones((batch, n), np.float32)}
+          "labels": labels, "image_tokens": toks, "image_loss_mask": np.ones((batch, n), np.float32),
+          "image_token_grid": np.broadcast_to(grid_slots(rows, max(n // rows, 1))[:n], (batch, n, 4)).copy()}
 
 
 def synthetic_iterator(cfg: ModelConfig, global_batch: int, seq_len: int, image_tokens: int, seed: int = 0,

@@ -116,6 +116,15 @@ class NextStep(Qwen2ForCausalLM):
       self.velocity(jnp.zeros((h.shape[0], self.cfg.token_dim), jnp.float32), jnp.zeros((h.shape[0],)), c)
     return self.logits(h), h
 
+  def slot_conditions(self, h_BxLxD: jax.Array, batch: dict[str, jax.Array], t_slots: int):
+    """(head conditions (B·T, D), slot is real (B, T)) of a training batch's T image-token slots: the hidden before
+    each placeholder, with gen_pos_embed by the slot's (row, col) from `image_token_grid`, → `condition`."""
+    slots, slot_valid = placeholder_slots(batch["input_ids"], self.cfg.image_placeholder_id, t_slots)
+    h_cond = jnp.take_along_axis(h_BxLxD, jnp.maximum(slots - 1, 0)[..., None], axis=1)  # (B, T, D)
+    grid = batch_grid(self.cfg, batch)
+    cond = self.condition(h_cond.reshape(-1, h_cond.shape[-1]), *(pos_index(grid) if grid is not None else ()))
+    return cond, slot_valid
+
   # ------------------------------------------------------------------------------------------- loss
 
   def loss_terms(self, batch: dict[str, jax.Array], fm_noise: jax.Array, fm_u: jax.Array,
@@ -131,10 +140,10 @@ class NextStep(Qwen2ForCausalLM):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     image_tokens = batch["image_tokens"]
     b, t_slots = image_tokens.shape[:2]
-    grid = batch_grid(cfg, batch)
     lm_tokens = image_tokens
     if input_noise is not None and cfg.input_noise_strength > 0:
-      scale = input_noise_scale(grid, cfg.latent_patch_size, cfg.latent_channels, cfg.input_noise_strength)
+      scale = input_noise_scale(batch_grid(cfg, batch), cfg.latent_patch_size, cfg.latent_channels,
+                                cfg.input_noise_strength)
       lm_tokens = image_tokens + (input_noise.astype(jnp.float32) * scale).astype(image_tokens.dtype)
     h, _ = self.backbone(self.embed_inputs(ids, lm_tokens), mask, batch.get("positions"))
 
@@ -146,9 +155,7 @@ class NextStep(Qwen2ForCausalLM):
     ce_sum = jnp.sum(jnp.where(ce_valid, nll, 0.0))
 
     # image: the hidden before each placeholder conditions that placeholder's token
-    slots, slot_valid = placeholder_slots(ids, cfg.image_placeholder_id, t_slots)
-    h_cond = jnp.take_along_axis(h, jnp.maximum(slots - 1, 0)[..., None], axis=1)  # (B, T, D)
-    cond = self.condition(h_cond.reshape(b * t_slots, -1), *(pos_index(grid) if grid is not None else ()))
+    cond, slot_valid = self.slot_conditions(h, batch, t_slots)
     weight = (slot_valid & (batch["image_loss_mask"] > 0)).astype(jnp.float32).reshape(-1)
     mul = cfg.fm_head_batch_mul
     x1 = jnp.tile(image_tokens.reshape(b * t_slots, -1).astype(jnp.float32), (mul, 1))

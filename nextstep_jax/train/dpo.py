@@ -32,7 +32,6 @@ import optax
 
 from nextstep_jax.config import DTYPES, ConfigError, ModelConfig
 from nextstep_jax.models.layers import to_dtype
-from nextstep_jax.models.image_grid import batch_grid, pos_index
 from nextstep_jax.models.nextstep import NextStep, draw_fm_noise, placeholder_slots
 from nextstep_jax.train import flops as flops_lib
 from nextstep_jax.train.state import TrainState
@@ -81,14 +80,9 @@ def fm_row_errors(module: NextStep, batch: dict[str, jax.Array], tokens: jax.Arr
   Same computation as `NextStep.loss_terms`' image part (sum over rows of the sums = its fm_sum), kept per row.
   Apply with `model.apply(params, batch, tokens, noise, u, method=fm_row_errors)`.
   """
-  cfg = module.cfg
-  ids = batch["input_ids"]
-  b, t_slots, k = tokens.shape
-  h, _ = module.hidden(module.embed_inputs(ids, tokens), batch["attention_mask"], batch.get("positions"))
-  slots, slot_valid = placeholder_slots(ids, cfg.image_placeholder_id, t_slots)
-  h_cond = jnp.take_along_axis(h, jnp.maximum(slots - 1, 0)[..., None], axis=1)
-  grid = batch_grid(cfg, batch)
-  cond = module.condition(h_cond.reshape(b * t_slots, -1), *(pos_index(grid) if grid is not None else ()))
+  _, t_slots, k = tokens.shape
+  h, _ = module.hidden(module.embed_inputs(batch["input_ids"], tokens), batch["attention_mask"], batch.get("positions"))
+  cond, slot_valid = module.slot_conditions(h, batch, t_slots)
   weight = (slot_valid & (batch["image_loss_mask"] > 0)).astype(jnp.float32)  # (B, T)
   x1 = tokens.astype(jnp.float32)[None]  # (1, B, T, D) against noise (mul, B, T, D)
   t = jax.nn.sigmoid(u.astype(jnp.float32))[..., None]

@@ -85,3 +85,17 @@ def test_missing_grid_is_a_clear_error(setup):
   no_grid = {k: v for k, v in batch.items() if k != GRID_KEY}
   with pytest.raises(ValueError, match="image_token_grid"):
     NextStep(CFG).apply(params, no_grid, noise, u, method=NextStep.loss_terms)
+
+
+def test_training_refuses_data_grids_larger_than_the_position_table(tmp_path):
+  """tiny stage 1 reads 256 px at 16 px per token in aspect buckets up to 8×32, larger than an 8² gen_pos_embed table."""
+  import os
+  from nextstep_jax.config import load_config
+  from nextstep_jax.train.loop import train
+  root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+  cfg = load_config(os.path.join(root, "configs", "tiny", "stage1_256px.py"),
+                    ["--config.model.use_gen_pos_embed=True", "--config.model.base_image_grid_size=8",
+                     "--config.train.synthetic_data=False"])
+  with pytest.raises(ValueError, match=r"a 8×32 token grid exceeds gen_pos_embed's 8² table"):
+    train(cfg, str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "checkpoints").exists()

@@ -103,6 +103,19 @@ def test_restore_onto_a_different_mesh_and_continue(tmp_path):
   assert [h["step"] for h in hist] == list(range(1, 7))
 
 
+def test_ema_run_exports_the_average_and_trains_the_same_params(tmp_path):
+  """`train.ema_decay`: the export is the moving average; the trajectory itself is unchanged (the raw params in
+  the EMA run's checkpoint == the export of the same run without EMA)."""
+  train(_tiny(**{"train.ema_decay": 0.5}), str(tmp_path / "ema"))
+  train(_tiny(), str(tmp_path / "plain"))
+  mesh = sharding.make_mesh(_tiny().mesh)
+  raw = traverse_util.flatten_dict(jax.device_get(
+      load_init_params(str(tmp_path / "ema"), ModelConfig.from_dict(_tiny().model), mesh)))
+  plain, ema = _export_params(tmp_path / "plain"), _export_params(tmp_path / "ema")
+  assert max_relative_error(raw, plain) <= 1e-6
+  assert max_relative_error(ema, plain) > 1e-3
+
+
 def test_stage2_initialises_from_stage1_params_with_fresh_optimizer(tmp_path):
   from nextstep_jax.train.optimizer import make_optimizer
   from nextstep_jax.train.state import init_state

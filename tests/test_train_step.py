@@ -111,3 +111,36 @@ def test_unrolled_layer_scan_equals_rolled():
   err = max_relative_error(unrolled[2], rolled[2])
   print(f"scan_unroll={TINY.num_layers} vs 1: grads {err:.1e} (relative)")
   assert err <= 1e-5
+
+
+def test_params_ema_lives_in_the_optimizer_state_sharded_like_the_params():
+  """`train.ema_decay`: ema ← d·ema + (1 − d)·params after every update, d = min(decay, (1 + n) / (10 + n));
+  its leaves take the params' shardings; `model_params` picks it; a bad decay is a one-line error."""
+  from nextstep_jax import sharding
+  from nextstep_jax.train.optimizer import make_optimizer, model_params
+  from nextstep_jax.train.state import init_state, state_shardings
+  from nextstep_jax.train.step import train_step
+  decay = 0.9
+  tx, sched = make_optimizer(train_cfg(ema_decay=decay))
+  mesh = sharding.mesh_from_shape((2, 4, 1))
+  state = init_state(TINY, tx, mesh, jax.random.key(0))
+  _, shardings = state_shardings(TINY, tx, mesh)
+  flat_p = traverse_util.flatten_dict(shardings.params)
+  flat_e = traverse_util.flatten_dict(model_params(shardings.params, shardings.opt_state))
+  assert flat_e.keys() == flat_p.keys() and all(flat_e[k] == flat_p[k] for k in flat_p)
+  assert any(not s.is_fully_replicated for s in flat_p.values())
+  for k, a in traverse_util.flatten_dict(model_params(state.params, state.opt_state)).items():
+    assert a.sharding == flat_p[k], "/".join(k)
+  batch = {k: jnp.asarray(v) for k, v in synthetic_batch(TINY, 0, 4, 40, 16, text_len=12).items()}
+  step = jax.jit(lambda s, b: train_step(TINY, tx, sched, 1, s, b, jax.random.key(3)))
+  expected = jax.tree.map(np.asarray, jax.device_get(state.params))
+  for n in range(4):
+    state, _ = step(state, batch)
+    d = min(decay, (1 + n) / (10 + n))
+    expected = jax.tree.map(lambda e, p: d * e + (1 - d) * np.asarray(p), expected, jax.device_get(state.params))
+  got = jax.device_get(model_params(state.params, state.opt_state))
+  assert max_relative_error(got, expected) < 1e-6
+  assert max_relative_error(got, jax.device_get(state.params)) > 1e-3  # an average, not the params
+  assert model_params(state.params, make_optimizer(train_cfg())[0].init(state.params)) is state.params
+  with pytest.raises(ValueError, match="ema_decay"):
+    make_optimizer(train_cfg(ema_decay=1.5))

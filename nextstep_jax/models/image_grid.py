@@ -24,6 +24,16 @@ def grid_slots(rows: int, cols: int) -> np.ndarray:
   return np.stack([r, c, np.full_like(r, rows), np.full_like(r, cols)], axis=-1).astype(np.int32)
 
 
+def check_grids_fit(cfg: Any, grids: Any, fix: str) -> None:
+  """Raises when a (rows, cols) token grid is larger than gen_pos_embed's base table (only with gen_pos_embed)."""
+  base = cfg.base_image_grid_size
+  too_big = [(h, w) for h, w in grids if max(h, w) > base]
+  if cfg.use_gen_pos_embed and too_big:
+    h, w = too_big[0]
+    raise ValueError(f"a {h}×{w} token grid exceeds gen_pos_embed's {base}² table (model.base_image_grid_size); "
+                     f"{fix}")
+
+
 def batch_grid(cfg: Any, batch: dict[str, Any]) -> Any:
   """The batch's `image_token_grid`; None when absent and not needed (no gen_pos_embed, no input noise)."""
   if GRID_KEY in batch:

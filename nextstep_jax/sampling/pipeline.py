@@ -22,6 +22,7 @@ import numpy as np
 
 from nextstep_jax import params_io, sharding
 from nextstep_jax.config import ModelConfig, VAEConfig
+from nextstep_jax.models.image_grid import check_grids_fit
 from nextstep_jax.sampling import flow
 from nextstep_jax.sampling.generate import Spec, compiled_program
 
@@ -177,9 +178,7 @@ class Sampler:
     from nextstep_jax.tokens import left_pad
     ids, mask = left_pad(rows, self.cfg.pad_token_id, opts.buckets)
     self._check_length(ids.shape[1], gh * gw)
-    if self.cfg.use_gen_pos_embed and max(gh, gw) > self.cfg.base_image_grid_size:
-      raise ValueError(f"a {gh}×{gw} token grid exceeds gen_pos_embed's {self.cfg.base_image_grid_size}² table "
-                       f"(base_image_grid_size); sample at most {self.cfg.base_image_grid_size} tokens per side")
+    check_grids_fit(self.cfg, [(gh, gw)], f"sample at most {self.cfg.base_image_grid_size} tokens per side")
     shift = default_shift if opts.shift is None else opts.shift
     spec = Spec(num_images=num_images, branches=branches, prompt_len=ids.shape[1], grid_h=gh, grid_w=gw,
                 flow=flow.FlowConfig(opts.method, opts.steps, shift).validate(),

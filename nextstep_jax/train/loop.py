@@ -21,9 +21,11 @@ import numpy as np
 from nextstep_jax import params_io, sharding
 from nextstep_jax.checkpoint import Checkpointer
 from nextstep_jax.config import ModelConfig, VAEConfig
+from nextstep_jax.data.buckets import bucket_grids
+from nextstep_jax.models.image_grid import check_grids_fit
 from nextstep_jax.train import flops as flops_lib
 from nextstep_jax.train.metrics import MetricWriter
-from nextstep_jax.train.optimizer import make_optimizer
+from nextstep_jax.train.optimizer import make_optimizer, model_params
 from nextstep_jax.train.state import init_state, state_shardings
 from nextstep_jax.train.step import jit_train_step
 
@@ -128,6 +130,10 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
     raise ValueError(f"config.train.objective={objective!r} is not one of fm, dpo")
   if objective == "dpo":
     from nextstep_jax.train import dpo
+  if not t.synthetic_data:
+    d = config.data
+    check_grids_fit(cfg, bucket_grids(d.resolution, d.down_factor, d.buckets),
+                    "lower config.data.resolution or raise model.base_image_grid_size")
   data_iter = dpo.make_data_iterator(config, cfg) if objective == "dpo" else make_data_iterator(config, cfg)
   # --- end objective dispatch
   ckpt = Checkpointer(workdir, t.save_every, t.keep, t.async_checkpoint)
@@ -191,7 +197,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
           metrics.update({f"data/{k}": v for k, v in stats().items()})
         writer.scalars(step, metrics)
       if t.sample_every and step % t.sample_every == 0 and is_main:
-        _sample_grid(config, cfg, state.params, writer, step, workdir)
+        _sample_grid(config, cfg, model_params(state.params, state.opt_state), writer, step, workdir)
       if ckpt.should_save(step) or step == total_steps:
         ckpt.save(step, state, data_iter, force=step == total_steps)
         last_saved = step
@@ -203,7 +209,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
         break
   ckpt.close()
   if t.export and step == t.steps and not preempted:
-    exported = export_model(workdir, state.params, config, step)
+    exported = export_model(workdir, model_params(state.params, state.opt_state), config, step)
     if is_main:
       print(f"exported params to {exported}", flush=True)
   writer.close()

@@ -1,10 +1,13 @@
 """AdamW with the official recipe: β (0.9, 0.95), eps 1e-8, weight decay 0.1 except on biases and norm weights,
-global-norm clipping 1.0, linear warmup then cosine (or constant) learning rate."""
+global-norm clipping 1.0, linear warmup then cosine (or constant) learning rate; optionally (`train.ema_decay` > 0,
+not part of the official recipe) an exponential moving average of the parameters kept in the optimizer state, so
+it is sharded like the parameters, checkpointed and resumed with them, and exported instead of them."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -30,12 +33,45 @@ def decay_mask(params: Any) -> Any:
   return traverse_util.unflatten_dict({k: k[-1] not in NO_DECAY_LEAVES for k in flat})
 
 
+class ParamsEmaState(NamedTuple):
+  count: jax.Array  # updates averaged so far
+  ema: Any  # fp32, the parameters' tree
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+  """Last link of a chain: passes the updates through and tracks ema ← d·ema + (1 − d)·(params + updates), with
+  the warm-up d = min(decay, (1 + n) / (10 + n)) at update n, so early averages are not anchored to the init."""
+  if not 0.0 < decay < 1.0:
+    raise ValueError(f"config.train.ema_decay={decay} must be in (0, 1) (0 disables the average)")
+
+  def init(params):  # a copy (params are placeholders when optax maps the state's structure)
+    return ParamsEmaState(jnp.zeros((), jnp.int32),
+                          jax.tree.map(lambda p: jnp.array(p, copy=True) if hasattr(p, "dtype") else p, params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("params_ema needs the params: call tx.update(grads, opt_state, params)")
+    d = jnp.minimum(decay, (1.0 + state.count) / (10.0 + state.count))
+    new = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p.astype(e.dtype), state.ema, new)
+    return updates, ParamsEmaState(state.count + 1, ema)
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(t: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = lr_schedule(t)
-  tx = optax.chain(
-      optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
-      optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask))
-  return tx, schedule
+  links = [optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
+           optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)]
+  if t.get("ema_decay", 0.0):
+    links.append(params_ema(float(t.ema_decay)))
+  return optax.chain(*links), schedule
+
+
+def model_params(params: Any, opt_state: Any) -> Any:
+  """The parameters to export and sample with: the moving average when the optimizer keeps one, else `params`."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ParamsEmaState))
+           if isinstance(s, ParamsEmaState)]
+  return found[0].ema if found else params
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any,

@@ -48,6 +48,7 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
   d = dict(
       steps=1000, lr=1e-4, end_lr=1e-5, warmup_steps=100, schedule="cosine", b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.1, grad_clip=1.0, microbatches=1, seed=0,
+      ema_decay=0.0,  # > 0: keep a moving average of the params (optimizer state) and export/sample with it
       log_every=10, save_every=1000, keep=3, async_checkpoint=True,
       init_from="",  # previous stage: an export dir (params/) or a training workdir (checkpoints/)
       vae_from="",  # model dir with vae_params/ (+ tokenizer/): copied into exports, used for sample grids

@@ -36,7 +36,8 @@ def get_config(arg=None):
   t.steps, t.lr, t.end_lr, t.warmup_steps, t.schedule = size["steps"], 2e-5, 2e-5, 10, "constant"
   t.weight_decay, t.log_every, t.save_every, t.sample_every = 0.0, 10, 50, 0
   t.init_from = ""  # filled in: DEMO/train/export (also the reference)
-  cfg.dpo = dpo_section(beta=500.0, sft_weight=1.0, ref_dtype="float32")  # fp32 compute: fp32 reference
+  # the reference's matrices are cast to the compute dtype like the policy's, so at step 0 their errors agree
+  cfg.dpo = dpo_section(beta=500.0, sft_weight=1.0, ref_dtype="float32")
   d = cfg.data
   d.sources = [dict(name="prefs", path="", weight=1.0, kind="")]  # filled in: the ns_prefs dataset
   d.drop_text_prob, d.pack, d.global_batch_size = 0.0, False, 32

@@ -88,7 +88,8 @@ def test_missing_grid_is_a_clear_error(setup):
 
 
 def test_training_refuses_data_grids_larger_than_the_position_table(tmp_path):
-  """tiny stage 1 reads 256 px at 16 px per token in aspect buckets up to 8×32, larger than an 8² gen_pos_embed table."""
+  """tiny stage 1 reads 256 px at 16 px per token in aspect buckets up to 8×32, larger than an 8² gen_pos_embed
+  table."""
   import os
   from nextstep_jax.config import load_config
   from nextstep_jax.train.loop import train

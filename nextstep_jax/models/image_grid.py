@@ -26,12 +26,13 @@ def grid_slots(rows: int, cols: int) -> np.ndarray:
 
 def check_grids_fit(cfg: Any, grids: Any, fix: str) -> None:
   """Raises when a (rows, cols) token grid is larger than gen_pos_embed's base table (only with gen_pos_embed)."""
+  if not cfg.use_gen_pos_embed:
+    return
   base = cfg.base_image_grid_size
-  too_big = [(h, w) for h, w in grids if max(h, w) > base]
-  if cfg.use_gen_pos_embed and too_big:
-    h, w = too_big[0]
-    raise ValueError(f"a {h}×{w} token grid exceeds gen_pos_embed's {base}² table (model.base_image_grid_size); "
-                     f"{fix}")
+  for h, w in grids:
+    if max(h, w) > base:
+      raise ValueError(f"a {h}×{w} token grid exceeds gen_pos_embed's {base}² table (model.base_image_grid_size); "
+                       f"{fix}")
 
 
 def batch_grid(cfg: Any, batch: dict[str, Any]) -> Any:
@@ -40,7 +41,8 @@ def batch_grid(cfg: Any, batch: dict[str, Any]) -> Any:
     return batch[GRID_KEY]
   if cfg.use_gen_pos_embed or cfg.input_noise_strength > 0:
     raise ValueError(f"the batch has no {GRID_KEY!r} (B, T, 4), which use_gen_pos_embed / input_noise_strength "
-                     f"need; the data pipeline writes it — hand-built batches must add it (models.image_grid.grid_slots)")
+                     f"need; the data pipeline writes it — hand-built batches must add it "
+                     f"(models.image_grid.grid_slots)")
   return None
 
 

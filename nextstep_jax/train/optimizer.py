@@ -35,7 +35,7 @@ def decay_mask(params: Any) -> Any:
 
 class ParamsEmaState(NamedTuple):
   count: jax.Array  # updates averaged so far
-  ema: Any  # fp32, the parameters' tree
+  ema: Any  # the parameters' tree, in their dtypes (fp32 master weights)
 
 
 def params_ema(decay: float) -> optax.GradientTransformation:

@@ -23,7 +23,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 CONFIG_DIR = os.path.join("configs", "nextstep1_14b")
 STAGES = ("stage1_256px", "stage2_512px", "anneal_512px", "sft", "edit", "dpo")
 PODS = ("v5p-128", "v5p-256", "v5e-256", "v6e-256", "v4-64")
-# the pod each stage's defaults (recipe.stage_config, scale "14b") are tuned for
+# the pod each stage's defaults (configs/nextstep1_14b/<stage>.py) are tuned for
 RECOMMENDED = {"stage1_256px": "v5p-256", "stage2_512px": "v5p-256", "anneal_512px": "v5p-128", "sft": "v5p-128",
                "edit": "v5p-128", "dpo": "v5p-128", "sampler": "v5p-128"}
 SAMPLER_CONFIG = "anneal_512px"  # the sampler row: its model at 512 px, official settings (50 steps, CFG)
@@ -118,8 +118,8 @@ def _verdict(r: dict) -> str:
 
 
 def _steps(stage: str) -> int | None:
-  from nextstep_jax.train.recipe import _OPTIM
-  return _OPTIM[stage][0] if stage in _OPTIM else None
+  from nextstep_jax.train.recipe import STAGES, stage_config
+  return int(stage_config(stage).train.steps) if stage in STAGES else None
 
 
 def render(results_path: str, stages: list[str], pods: list[str], dedupe: bool) -> str:

@@ -55,7 +55,7 @@ def diversity(images: np.ndarray, per_prompt: int) -> dict:
 
 def evaluate(model_dir: Path, cfg, prompts: list[str]) -> dict:
   """Evaluator accuracies (averaged over the eval seeds), mean attribute score, diversity."""
-  from nextstep_jax.data.preference_pairs import shapes_score
+  from nextstep_jax.apps.preference_pairs import shapes_score
   from nextstep_jax.demo.run import sampling_options
   from nextstep_jax.eval.shapes_scorer import score_batch
   from nextstep_jax.sampling.pipeline import Sampler
@@ -79,7 +79,7 @@ def evaluate(model_dir: Path, cfg, prompts: list[str]) -> dict:
 def run(demo_workdir: str | os.PathLike, workdir: str | os.PathLike, config: str = DEFAULT_CONFIG,
         overrides: list[str] | None = None) -> dict:
   from nextstep_jax.config import load_config
-  from nextstep_jax.data import preference_pairs as pp
+  from nextstep_jax.apps import preference_pairs as pp
   from nextstep_jax.data.shapes import held_out_prompts
   from nextstep_jax.demo.run import sampling_options
   from nextstep_jax.train.loop import train

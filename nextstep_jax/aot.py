@@ -26,8 +26,19 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nextstep_jax import sharding
 from nextstep_jax.config import ModelConfig, VAEConfig
+from nextstep_jax.data.pipeline import batch_shapes, batch_shardings
+from nextstep_jax.models.flux_vae import FluxVAE, image_multiple
+from nextstep_jax.models.latents import token_grid
+from nextstep_jax.models.nextstep import abstract_params
+from nextstep_jax.sampling import flow
+from nextstep_jax.sampling.generate import Spec, compiled_program
 from nextstep_jax.tpu_topology import PodType, pod_type, topology_devices
 from nextstep_jax.train import flops as flops_lib
+from nextstep_jax.train.config import TrainConfig
+from nextstep_jax.train.objective import StepContext
+from nextstep_jax.train.optimizer import make_optimizer
+from nextstep_jax.train.registry import get_objective
+from nextstep_jax.train.state import state_shardings
 
 PROGRAMS = ("train", "sample")
 MFU_LEVELS = (0.4, 0.5, 0.6)
@@ -178,10 +189,6 @@ def build_mesh(config, devices: list, num_slices: int):
 # ----------------------------------------------------------------------------------------------- programs
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 def _batch_rows_per_shard(rows: int, mesh) -> int:
   """How many batch shards `rows` rows actually get (1 = replicated) under the act_batch rule."""
   spec = sharding.logical_to_spec(("act_batch",), (rows,), mesh)
@@ -190,35 +197,19 @@ def _batch_rows_per_shard(rows: int, mesh) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def train_batch_shapes(config, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """Global shapes of one training batch as the train step sees it (image tokens, also for encode-on-the-fly)."""
-  d = config.data
-  b, length = int(d.global_batch_size), int(d.seq_len)
-  if d.get("encode_on_the_fly", False):
-    from nextstep_jax.data.buckets import bucket_grids
-    (h, w), = bucket_grids(d.resolution, d.down_factor, "fixed")
-    slots = h * w
-  else:
-    slots = int(d.max_image_tokens or length)
-  shapes = {k: (b, length) for k in ("input_ids", "attention_mask", "positions", "labels")}
-  shapes.update(image_tokens=(b, slots, cfg.token_dim), image_loss_mask=(b, slots), image_token_grid=(b, slots, 4))
-  return shapes
-
-
 def _lower_train(config, cfg: ModelConfig, mesh, sample: SampleSettings):
-  from nextstep_jax.data.pipeline import batch_shardings
-  from nextstep_jax.train.optimizer import make_optimizer
-  from nextstep_jax.train.state import state_shardings
-  from nextstep_jax.train.step import jit_train_step
-  t = config.train
-  tx, schedule = make_optimizer(t)
+  run = TrainConfig.from_config(config.train)
+  objective = get_objective(run.objective)
+  section = objective.config_view(config)
+  tx, schedule = make_optimizer(run)
   abstract_state, state_sh = state_shardings(cfg, tx, mesh)
-  shapes = train_batch_shapes(config, cfg)
-  b_sh = batch_shardings(shapes, mesh)
-  dtypes = {"image_tokens": jnp.float32, "image_loss_mask": jnp.float32}
-  batch = {k: jax.ShapeDtypeStruct(s, dtypes.get(k, jnp.int32), sharding=b_sh[k]) for k, s in shapes.items()}
+  structs = batch_shapes(config.data, step_input=True)
+  shapes = {k: v.shape for k, v in structs.items()}
+  for k, shape in objective.batch_extras(shapes).items():
+    structs[k], shapes[k] = jax.ShapeDtypeStruct(shape, jnp.float32), shape
+  batch = sharding.abstract_sharded(structs, batch_shardings(shapes, mesh))
   key = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=NamedSharding(mesh, P()))
-  mb = int(t.microbatches)
+  mb = run.microbatches
   b, length = shapes["input_ids"]
   if b % mb:
     raise AotError(f"config.data.global_batch_size={b} cannot be split into config.train.microbatches={mb}; "
@@ -230,27 +221,15 @@ def _lower_train(config, cfg: ModelConfig, mesh, sample: SampleSettings):
     notes.append(f"a micro-batch of {b // mb} rows cannot be split over the {batch_axes} data×fsdp shards: "
                  f"activations are replicated on {batch_axes // shards} devices; use fewer microbatches or a "
                  f"bigger global batch")
-  objective = t.get("objective", "fm")
   slots = shapes["image_tokens"][1]
+  ctx = StepContext(cfg=cfg, run=run, section=section, tx=tx, schedule=schedule, state_shardings=state_sh,
+                    batch_shardings=jax.tree.map(lambda x: x.sharding, batch), mesh=mesh, init_rng=key)
   try:
-    if objective == "dpo":  # preference pairs against a frozen reference (train/dpo.py)
-      from nextstep_jax.train import dpo
-      dcfg = dpo.DpoConfig.from_config(config.get("dpo"))
-      batch[dpo.REJECTED] = batch["image_tokens"]
-      b_sh[dpo.REJECTED] = b_sh["image_tokens"]
-      ref_dt = jnp.dtype(dcfg.ref_dtype)
-      ref = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, ref_dt if a.ndim >= 2 else a.dtype,
-                                                        sharding=a.sharding), abstract_state.params)
-      step = dpo.jit_dpo_step(cfg, dcfg, tx, schedule, mb, state_sh, b_sh, mesh)
-      lowered = step.lower(abstract_state, ref, batch, key)
-      fl = dpo.step_flops(cfg, b, length, b * slots)
-    else:
-      step = jit_train_step(cfg, tx, schedule, mb, state_sh, b_sh, mesh)
-      lowered = step.lower(abstract_state, batch, key)
-      fl = flops_lib.train_step_flops(cfg, b, length, b * slots)
+    lowered = objective.abstract_step(ctx, abstract_state).lower(abstract_state, batch, key)
   except Exception as e:
-    raise AotError(f"tracing the {objective} train step failed: {one_line(e)}") from None
-  shape = dict(objective=objective, global_batch=b, seq_len=length, image_slots=slots, microbatches=mb,
+    raise AotError(f"tracing the {run.objective} train step failed: {one_line(e)}") from None
+  fl = objective.step_flops(cfg, b, length, b * slots)
+  shape = dict(objective=run.objective, global_batch=b, seq_len=length, image_slots=slots, microbatches=mb,
                rows_per_chip_per_microbatch=round(b / mb / shards, 3), remat=cfg.remat_policy, dtype=cfg.dtype,
                param_dtype=cfg.param_dtype, attention=cfg.attention_impl)
   notes.append("head FLOPs count every image slot as filled (an upper bound for packed rows)")
@@ -258,11 +237,6 @@ def _lower_train(config, cfg: ModelConfig, mesh, sample: SampleSettings):
 
 
 def _lower_sample(config, cfg: ModelConfig, mesh, sample: SampleSettings):
-  from nextstep_jax.models.flux_vae import FluxVAE, image_multiple
-  from nextstep_jax.models.latents import token_grid
-  from nextstep_jax.models.nextstep import abstract_params
-  from nextstep_jax.sampling import flow
-  from nextstep_jax.sampling.generate import Spec, compiled_program
   vae_cfg = VAEConfig.from_dict(config.vae)
   res = sample.resolution or int(config.data.resolution)
   try:
@@ -282,12 +256,12 @@ def _lower_sample(config, cfg: ModelConfig, mesh, sample: SampleSettings):
               src_tokens=src, noise_repeat=1)
   rows = spec.rows
   abstract, names = abstract_params(cfg)
-  params = _abstract(abstract, sharding.tree_shardings(names, abstract, mesh))
+  params = sharding.sharded_abstract_params(abstract, names, mesh)
   size = image_multiple(vae_cfg)
   vae_abs, vae_names = sharding.abstract_with_names(
       lambda r: FluxVAE(vae_cfg).init(r, jnp.zeros((1, size, size, vae_cfg.in_channels), jnp.float32)),
       jax.random.key(0))
-  vae_params = _abstract(vae_abs, sharding.tree_shardings(vae_names, vae_abs, mesh))
+  vae_params = sharding.sharded_abstract_params(vae_abs, vae_names, mesh)
 
   def rows_array(shape, dtype):
     spec_ = sharding.logical_to_spec(("act_batch",) + (None,) * (len(shape) - 1), shape, mesh)

@@ -18,6 +18,8 @@ import ml_collections
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_out")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+LATENT_PATCH_SIZE = 2  # every released NextStep model's latent_patch_size; VAE-side code uses it before a model
+# config is at hand (image size multiples, the latent cache's patchify)
 
 
 class ConfigError(ValueError):
@@ -57,7 +59,7 @@ class ModelConfig:
   attention_impl: str = "auto"
   # --- NextStep-1
   latent_channels: int = 16
-  latent_patch_size: int = 2
+  latent_patch_size: int = LATENT_PATCH_SIZE
   fm_head_dim: int = 48
   fm_head_layers: int = 2
   fm_head_batch_mul: int = 4
@@ -241,11 +243,11 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
       node = node[part]
     leaf = parts[-1]
     _check(leaf in node, f"override {item!r}: config has no field {'.'.join(parts)!r}; check the spelling")
+    current = node[leaf]
     try:
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-      value = raw
-    current = node[leaf]
+      value = _float_or_str(raw) if isinstance(current, float) else raw
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
@@ -255,6 +257,14 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
     except TypeError as e:
       raise ConfigError(f"override {item!r}: {e}") from None
   return cfg
+
+
+def _float_or_str(raw: str) -> float | str:
+  """`nan`, `inf`, `-inf` (not Python literals) as floats, so validation can name them; else the string."""
+  try:
+    return float(raw)
+  except ValueError:
+    return raw
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

@@ -204,6 +204,16 @@ def tree_shardings(names_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
                             for n, s in zip(flat_names, flat_shapes)])
 
 
+def abstract_sharded(shapes_tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `shapes_tree` carrying `shardings` (restore targets, AOT arguments)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes_tree, shardings)
+
+
+def sharded_abstract_params(abstract: Any, names: Any, mesh: Mesh) -> Any:
+  """ShapeDtypeStructs of a parameter tree on the rule table's shardings for `mesh`."""
+  return abstract_sharded(abstract, tree_shardings(names, abstract, mesh))
+
+
 def abstract_with_names(init_fn: Callable[..., Any], *args) -> tuple[Any, Any]:
   """`jax.eval_shape(init_fn)` split into (unboxed ShapeDtypeStruct tree, logical names tree); no allocation."""
   boxed = jax.eval_shape(init_fn, *args)

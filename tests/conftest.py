@@ -40,13 +40,17 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 DEMO_CI_CONFIG = os.path.join(ROOT, "configs", "demo", "stage1.py") + ":ci"
 
 
-def subprocess_env() -> dict:
-  """Environment for a demo / benchmark subprocess: one CPU device (8 fake devices on 2 cores only add overhead)
-  and this session's persistent compilation cache."""
+def subprocess_env(devices: int | None = None, cache: bool = True) -> dict:
+  """Environment for a CLI / demo / benchmark subprocess: `devices` fake CPU devices (None: one device; 8 fake
+  devices on 2 cores only add overhead) and, with `cache`, this session's persistent compilation cache."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   env.pop("XLA_FLAGS", None)
-  env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  if devices is not None:
+    env["XLA_FLAGS"] = cpu_xla_flags(devices)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  if cache:
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   return env
 
 

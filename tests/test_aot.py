@@ -7,11 +7,11 @@ import os
 import jax
 import pytest
 
+from conftest import ROOT
 from nextstep_jax import aot
 from nextstep_jax.cli import main
 from nextstep_jax.config import ModelConfig, load_config
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY1 = os.path.join(ROOT, "configs", "tiny", "stage1_256px.py")
 STAGE1_14B = os.path.join(ROOT, "configs", "nextstep1_14b", "stage1_256px.py")
 # ~1.2B parameters derived from the 14B stage-1 config (Qwen2.5-1.5B-like backbone, 12 layers, the real 157M-class

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DEMO_CI_CONFIG, run_cli
+from conftest import DEMO_CI_CONFIG, ROOT, run_cli
 from nextstep_jax.config import load_config
 from nextstep_jax.data.shapes import held_out_scenes, render
 from nextstep_jax.eval.shapes_scorer import score_batch
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 CONFIG = os.path.join(ROOT, "configs", "demo", "stage1.py")
 
 

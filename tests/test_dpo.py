@@ -10,8 +10,9 @@ import pytest
 
 from nextstep_jax.models.nextstep import NextStep, draw_fm_noise
 from nextstep_jax.train import dpo
+from nextstep_jax.train.synthetic import synthetic_pair_batch
 from sharding_harness import max_relative_error
-from train_utils import TINY, random_params, train_cfg
+from train_utils import TINY, random_params, train_on_mesh
 
 B, L, T = 4, 40, 16
 
@@ -19,7 +20,7 @@ B, L, T = 4, 40, 16
 @pytest.fixture(scope="module")
 def setup():
   params = jax.tree.map(jnp.asarray, random_params(TINY))
-  batch = {k: jnp.asarray(v) for k, v in dpo.synthetic_pair_batch(TINY, 0, B, L, T).items()}
+  batch = {k: jnp.asarray(v) for k, v in synthetic_pair_batch(TINY, 0, B, L, T).items()}
   return params, batch
 
 
@@ -151,17 +152,11 @@ def test_reference_gets_no_gradient(setup):
 
 
 def _run_steps(params, ref, batches, microbatches, dcfg):
-  from nextstep_jax import sharding
-  from nextstep_jax.train.optimizer import make_optimizer
-  from nextstep_jax.train.state import init_state
-  tx, sched = make_optimizer(train_cfg())
-  state = init_state(TINY, tx, sharding.mesh_from_shape((1, 1, 1)), jax.random.key(0), params=params)
-  step = jax.jit(lambda s, r, b: dpo.dpo_step(TINY, dcfg, tx, sched, microbatches, s, r, b, jax.random.key(4)))
-  hist = []
-  for b in batches:
-    state, m = step(state, ref, b)
-    hist.append(jax.device_get(m))
-  return jax.device_get(state.params), hist
+  new_params, hist, _ = train_on_mesh(
+      (1, 1, 1), batches, lambda tx, sched, sh, bsh, mesh: dpo.jit_dpo_step(TINY, dcfg, tx, sched, microbatches, sh,
+                                                                            bsh, mesh),
+      None, params=params, bound=lambda sh: jax.device_put(ref, sh.params))
+  return new_params, hist
 
 
 def test_microbatch_accumulation_equals_one_batch_and_nan_guard(setup):

@@ -1,4 +1,4 @@
-"""Preference data (data/preferences.py, data/preference_pairs.py): pairs from a model's samples ranked by any
+"""Preference data (data/preferences.py, apps/preference_pairs.py): pairs from a model's samples ranked by any
 scorer, import of (prompt, chosen, rejected) files, the ns_prefs → DPO batch pipeline (layout, skipped records,
 checkpointed position), the `data prefs` CLI and a DPO stage run through `train` (resume rebuilds the reference)."""
 import json
@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nextstep_jax.data import preference_pairs as pp
+from nextstep_jax.apps import preference_pairs as pp
 from nextstep_jax.data.preferences import REJECTED, PrefSource, make_pref_iterator, write_prefs
 from nextstep_jax.data.records import decode_image
 from nextstep_jax.sampling.pipeline import Options
 from nextstep_jax.tokens import load_tokenizer
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SIZE = 16  # the fixture model: f2 VAE, 2×2 patches → 4×4 tokens
 OPTS = Options(height=SIZE, width=SIZE, steps=4, cfg=2.0, positive_prompt=None, negative_prompt="", buckets=(64,))
 TIE = "a prompt every sample scores the same on"

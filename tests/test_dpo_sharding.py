@@ -4,13 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from nextstep_jax import sharding
-from nextstep_jax.data.pipeline import batch_shardings
 from nextstep_jax.train import dpo
-from nextstep_jax.train.optimizer import make_optimizer
-from nextstep_jax.train.state import init_state, state_shardings
+from nextstep_jax.train.synthetic import synthetic_pair_batch
 from sharding_harness import TEST_MESHES, max_relative_error
-from train_utils import TINY, random_params, train_cfg
+from train_utils import TINY, random_params, train_on_mesh
 
 DCFG = dpo.DpoConfig(beta=50.0, sft_weight=0.1, ref_dtype="bfloat16")
 PAIRS, L, T = 8, 40, 16
@@ -20,29 +17,18 @@ def pair_batch(i):
   """Synthetic pairs whose losers come from another distribution: the DPO gradient is a difference of winner and
   loser gradients, and β amplifies fp32 rounding of the errors, so less cancellation keeps the comparison at
   the precision the step really has."""
-  b = dpo.synthetic_pair_batch(TINY, i, PAIRS, L, T)
+  b = synthetic_pair_batch(TINY, i, PAIRS, L, T)
   b[dpo.REJECTED] = 0.5 * b[dpo.REJECTED] + 0.5
   return b
 
 
 def run_dpo(mesh_shape, params, ref_params, steps=3):
   """(params after `steps` DPO steps, per-step metrics, first-batch grads) on a mesh."""
-  tx, sched = make_optimizer(train_cfg())
-  mesh = sharding.mesh_from_shape(mesh_shape)
-  state = init_state(TINY, tx, mesh, jax.random.key(0), params=params)
-  _, sh = state_shardings(TINY, tx, mesh)
-  ref = dpo.as_reference(jax.device_put(ref_params, sh.params), DCFG.ref_dtype, sh.params)
-  batches = [pair_batch(i) for i in range(steps)]
-  bsh = batch_shardings({k: v.shape for k, v in batches[0].items()}, mesh)
-  with sharding.use_mesh(mesh):
-    grads_fn = jax.jit(lambda p, r, b: dpo.dpo_loss_and_grads(TINY, DCFG, p, r, b, jax.random.key(9))[2])
-    grads = jax.device_get(grads_fn(state.params, ref, jax.device_put(batches[0], bsh)))
-    step = dpo.jit_dpo_step(TINY, DCFG, tx, sched, 1, sh, bsh, mesh)
-    history = []
-    for b in batches:
-      state, m = step(state, ref, jax.device_put(b, bsh), jax.random.key(1))
-      history.append(jax.device_get(m))
-  return jax.device_get(state.params), history, grads
+  return train_on_mesh(
+      mesh_shape, [pair_batch(i) for i in range(steps)],
+      lambda tx, sched, sh, bsh, mesh: dpo.jit_dpo_step(TINY, DCFG, tx, sched, 1, sh, bsh, mesh),
+      lambda p, r, b: dpo.dpo_loss_and_grads(TINY, DCFG, p, r, b, jax.random.key(9))[2], params=params,
+      bound=lambda sh: dpo.as_reference(jax.device_put(ref_params, sh.params), DCFG.ref_dtype, sh.params))
 
 
 @pytest.fixture(scope="module")

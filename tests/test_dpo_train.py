@@ -6,13 +6,13 @@ import os
 import numpy as np
 from flax import traverse_util
 
+from conftest import ROOT
 from nextstep_jax import params_io
 from nextstep_jax.config import ModelConfig, load_config
 from nextstep_jax.train.loop import train
 from nextstep_jax.train.metrics import read_history
 from train_utils import random_params
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY_DPO = os.path.join(ROOT, "configs", "tiny", "dpo.py")
 
 

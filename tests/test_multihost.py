@@ -11,22 +11,18 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import cpu_xla_flags
+from conftest import ROOT, subprocess_env
 from nextstep_jax import params_io
 from nextstep_jax.train.metrics import read_history
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY1 = os.path.join(ROOT, "configs", "tiny", "stage1_256px.py")
 STEPS = 3
 RTOL = 1e-5
 
 
 def _env(devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=cpu_xla_flags(devices),
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")  # the default in jax 0.10; explicit for older versions
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # two processes writing one cache entry: keep them independent
-  return env
+  # two processes writing one cache entry: keep them independent (no persistent cache)
+  return dict(subprocess_env(devices, cache=False), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
 
 
 def _train_cmd(workdir, *extra) -> list[str]:

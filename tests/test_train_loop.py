@@ -10,24 +10,16 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import cpu_xla_flags
+from conftest import ROOT, subprocess_env
 from nextstep_jax import params_io, sharding
 from nextstep_jax.config import ModelConfig, load_config
-from nextstep_jax.train.loop import load_init_params, train
+from nextstep_jax.train.loop import train
 from nextstep_jax.train.metrics import read_history
 from nextstep_jax.train.recipe import STAGES, stage_config
+from nextstep_jax.train.state import load_init_params
 from sharding_harness import max_relative_error
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY1 = os.path.join(ROOT, "configs", "tiny", "stage1_256px.py")
-
-
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=cpu_xla_flags())
-  env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  return env
 
 
 def _cmd(workdir, *extra):
@@ -38,7 +30,8 @@ def _cmd(workdir, *extra):
 
 def _run_until(cmd, marker: str, sig: int):
   """Starts `cmd`, waits for a stdout line starting with `marker`, sends `sig`; returns (returncode, output)."""
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(8),
+                          cwd=ROOT)
   lines = []
   for line in proc.stdout:
     lines.append(line)
@@ -60,12 +53,12 @@ def _export_params(workdir):
 @pytest.mark.slow
 def test_exact_resume_after_sigkill(tmp_path):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  out = subprocess.run(_cmd(straight), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
+  out = subprocess.run(_cmd(straight), capture_output=True, text=True, env=subprocess_env(8), cwd=ROOT, timeout=900)
   assert out.returncode == 0, out.stdout + out.stderr
   code, log = _run_until(_cmd(resumed), "step 5:", signal.SIGKILL)
   assert code == -signal.SIGKILL, log
   assert len(_losses(resumed)) >= 5
-  out = subprocess.run(_cmd(resumed), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
+  out = subprocess.run(_cmd(resumed), capture_output=True, text=True, env=subprocess_env(8), cwd=ROOT, timeout=900)
   assert out.returncode == 0 and "resumed from" in out.stdout, out.stdout + out.stderr
   a, b = _losses(straight), _losses(resumed)
   assert [s for s, *_ in a] == list(range(1, 13)) and a == b

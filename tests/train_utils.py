@@ -12,7 +12,7 @@ from nextstep_jax.data.pipeline import batch_shardings
 from nextstep_jax.models.nextstep import abstract_params
 from nextstep_jax.train.optimizer import make_optimizer
 from nextstep_jax.train.state import init_state, state_shardings
-from nextstep_jax.train.step import jit_train_step
+from nextstep_jax.train.step import jit_train_step, loss_and_grads
 from nextstep_jax.train.synthetic import synthetic_batch
 
 TINY = ModelConfig.from_dict(tiny())
@@ -39,24 +39,34 @@ def random_params(cfg: ModelConfig, seed: int = 0):
   return traverse_util.unflatten_dict(out)
 
 
-def run_steps(mesh_shape, steps=3, microbatches=1, batch=16, seq_len=40, image_tokens=16, params=None, tcfg=None):
-  """Runs `steps` train steps on synthetic batches; returns (final params, per-step metrics, first-step grads)."""
-  from nextstep_jax.train.step import loss_and_grads
-  cfg = TINY
+def train_on_mesh(mesh_shape, batches, jit_step, grads_fn, params=None, tcfg=None, bound=None):
+  """The trainer tests' skeleton: optimizer → state born sharded on the mesh → batch shardings → jit → loop.
+
+  `jit_step(tx, sched, state_shardings, batch_shardings, mesh)` → jitted step(state, [bound,] batch, key);
+  `grads_fn(params, [bound,] batch)` → the first batch's gradients (None: not computed); `bound(state_shardings)` → inputs bound into
+  every step (e.g. a DPO reference on the params' shardings). Returns (final params, per-step metrics, grads)."""
   tx, sched = make_optimizer(tcfg or train_cfg())
   mesh = sharding.mesh_from_shape(mesh_shape)
-  state = init_state(cfg, tx, mesh, jax.random.key(0), params=params)
-  _, sh = state_shardings(cfg, tx, mesh)
-  b0 = synthetic_batch(cfg, 0, batch, seq_len, image_tokens)
-  bsh = batch_shardings({k: v.shape for k, v in b0.items()}, mesh)
+  state = init_state(TINY, tx, mesh, jax.random.key(0), params=params)
+  _, sh = state_shardings(TINY, tx, mesh)
+  extra = () if bound is None else (bound(sh),)
+  bsh = batch_shardings({k: v.shape for k, v in batches[0].items()}, mesh)
   history = []
   with sharding.use_mesh(mesh):
-    grads_fn = jax.jit(lambda p, b, k: loss_and_grads(cfg, p, b, jax.random.fold_in(k, 0), microbatches)[2])
-    first = jax.device_put(b0, bsh)
-    grads = jax.device_get(grads_fn(state.params, first, jax.random.key(1)))
-    step = jit_train_step(cfg, tx, sched, microbatches, sh, bsh, mesh)
-    for i in range(steps):
-      state, m = step(state, jax.device_put(synthetic_batch(cfg, i, batch, seq_len, image_tokens), bsh),
-                      jax.random.key(1))
+    grads = None if grads_fn is None else jax.device_get(
+        jax.jit(grads_fn)(state.params, *extra, jax.device_put(batches[0], bsh)))
+    step = jit_step(tx, sched, sh, bsh, mesh)
+    for b in batches:
+      state, m = step(state, *extra, jax.device_put(b, bsh), jax.random.key(1))
       history.append(jax.device_get(m))
   return jax.device_get(state.params), history, grads
+
+
+def run_steps(mesh_shape, steps=3, microbatches=1, batch=16, seq_len=40, image_tokens=16, params=None, tcfg=None):
+  """Runs `steps` train steps on synthetic batches; returns (final params, per-step metrics, first-step grads)."""
+  batches = [synthetic_batch(TINY, i, batch, seq_len, image_tokens) for i in range(steps)]
+  jit_step = lambda tx, sched, sh, bsh, mesh: jit_train_step(TINY, tx, sched, microbatches, sh, bsh, mesh)
+  return train_on_mesh(
+      mesh_shape, batches, jit_step,
+      lambda p, b: loss_and_grads(TINY, p, b, jax.random.fold_in(jax.random.key(1), 0), microbatches)[2],
+      params=params, tcfg=tcfg)

@@ -31,8 +31,7 @@ def get_config(arg=None):
   size = _SIZES[variant]
   t = cfg.train
   t.objective = "dpo"
-  # lr / β / sft_weight from a sweep on the reduced demo (benchmarks/dpo_demo.py): lr 1e-4 with β 1000 and
-  # sft 0.2 raised every error (winners' too) and lowered the score; 2e-5 / 500 / 1.0 gave the largest gain
+  # lr / β / sft_weight: the best of a sweep on the reduced demo (benchmarks/dpo_demo.py; docs/DEMO.md)
   t.steps, t.lr, t.end_lr, t.warmup_steps, t.schedule = size["steps"], 2e-5, 2e-5, 10, "constant"
   t.weight_decay, t.log_every, t.save_every, t.sample_every = 0.0, 10, 50, 0
   t.init_from = ""  # filled in: DEMO/train/export (also the reference)

@@ -17,22 +17,22 @@ import ml_collections
 
 from nextstep_jax.config import experiment
 from nextstep_jax.data.config import default_data_config
-from nextstep_jax.train.recipe import train_section
+from nextstep_jax.train.config import train_section
 
 IMAGE_SIZE = 32
 VAE = dict(resolution=IMAGE_SIZE, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=16)  # f4, ~0.6M params
 # vocab: the demo's word tokenizer (config.demo.tokenizer = "words", nextstep_jax.demo.text: 328 tokens)
 MODEL = dict(vocab_size=336, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
              head_dim=32, rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=256, use_gen_pos_embed=True,
-             fm_head_dim=192, fm_head_layers=2, fm_head_batch_mul=4, lm_loss_weight=0.01, im_loss_weight=1.0,
-             # fm_head_batch_mul 4 (official): 4 flow-matching draws per token — seed 2: 63 → 88 % fully correct.
-             # The official training-only input noise (`noise_strength`): the LM learns to continue from imperfect
-             # tokens, as it must when sampling — seed 1: 56 → 76 % (docs/DEMO.md)
+             fm_head_dim=192, fm_head_layers=2,
+             fm_head_batch_mul=4,  # official: 4 flow-matching draws per token (docs/DEMO.md: the largest gain)
+             lm_loss_weight=0.01, im_loss_weight=1.0,
+             # the official training-only input noise (`noise_strength`): the LM learns to continue from imperfect
+             # tokens, as it must when sampling (docs/DEMO.md)
              input_noise_strength=0.3,
-             # bf16 compute (fp32 master weights; dense layers as bf16 dots with fp32 accumulation on the CPU):
-             # −8 % step time
+             # bf16 compute (fp32 master weights; dense layers as bf16 dots with fp32 accumulation on the CPU): faster
              dtype="bfloat16",
-             scan_unroll=4)  # straight-line layers: −5 % step time on the CPU (no stacked-residual updates)
+             scan_unroll=4)  # straight-line layers: no stacked-residual updates on the CPU
 
 # full demo vs reduced (CI) demo
 _SIZES = {
@@ -50,7 +50,7 @@ def get_config(arg=None):
       resolution=IMAGE_SIZE, buckets="fixed", down_factor=8, token_dim=64,
       seq_len=40, max_image_tokens=16, pack=False, drop_text_prob=0.15,
       global_batch_size=32, read_buffer_size=64,
-      read_threads=1))  # one Grain read thread: the same batches as two, ≈ 5 ms less CPU taken from each step
+      read_threads=1))  # one Grain read thread: the same batches as two, less CPU taken from the train step
   train = train_section(
       steps=size["lm_steps"], lr=3e-3, end_lr=1e-4, warmup_steps=50, schedule="cosine", weight_decay=0.1,
       log_every=25, save_every=250, keep=2, vae_from="")  # vae_from filled in: WORKDIR/vae

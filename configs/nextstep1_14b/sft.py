@@ -1,10 +1,18 @@
-"""NextStep-1 14B curriculum stage `sft` (recipe in nextstep_jax/train/recipe.py).
+"""NextStep-1 14B curriculum supervised fine-tuning at 512 px, from the annealed model.
+
+Spec §5; what every stage shares: nextstep_jax/train/recipe.py.
 
   nextstep-jax train --config configs/nextstep1_14b/sft.py --workdir gs://BUCKET/nextstep1/sft --multihost
-  nextstep-jax aot --config configs/nextstep1_14b/sft.py --topology v5p-256
+  nextstep-jax aot --config configs/nextstep1_14b/sft.py --topology v5p-128
 """
-from nextstep_jax.train.recipe import stage_config
+from nextstep_jax.train.recipe import ROOT, data_14b, experiment_14b
 
 
 def get_config(arg=None):
-  return stage_config("sft", "14b")
+  return experiment_14b(
+      train=dict(steps=10_000, lr=1e-5, end_lr=1e-6, warmup_steps=500, schedule="cosine",
+                 # one packed 8192-token row per chip per micro-batch on v5p-128 (docs/AOT.md)
+                 microbatches=4,
+                 init_from=f"{ROOT}/anneal_512px/export"),
+      data=data_14b(resolution=512, mix={"text": 0.1, "t2i": 0.9}, global_batch_size=256),
+      mesh=dict(data=1, fsdp=-1, tensor=1))

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
   i.add_argument("--config", required=True, help="experiment config file (its `data` section is used)")
   i.add_argument("--batches", type=int, default=1)
   i.set_defaults(func=_inspect)
-  _register_prefs(actions)  # DPO preference pairs (nextstep_jax/data/preference_pairs.py)
+  _register_prefs(actions)  # DPO preference pairs (nextstep_jax/apps/preference_pairs.py)
 
 
 def _build(args) -> int:
@@ -121,7 +121,7 @@ def _register_prefs(actions) -> None:
 
 
 def _prefs(args) -> int:
-  from nextstep_jax.data import preference_pairs as pp
+  from nextstep_jax.apps import preference_pairs as pp
 
   if args.src:
     if not args.vae:

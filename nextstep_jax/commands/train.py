@@ -26,11 +26,19 @@ def init_distributed(args) -> None:
           f"devices ({jax.local_device_count()} local)", flush=True)
 
 
+EXIT_DIVERGED = 4
+
+
 def run(args) -> int:
   init_distributed(args)
-  from nextstep_jax.config import load_config
+  from nextstep_jax.config import load_config  # lazy: `nextstep-jax --help` must not import jax
   from nextstep_jax.train.loop import train
+  from nextstep_jax.train.stops import TrainingDiverged
   config = load_config(args.config, args.config_overrides)
-  result = train(config, args.workdir, max_steps=args.max_steps)
+  try:
+    result = train(config, args.workdir, max_steps=args.max_steps)
+  except TrainingDiverged as e:
+    print(f"nextstep-jax train: error: {e}", flush=True)
+    return EXIT_DIVERGED
   print(f"{'preempted at' if result.preempted else 'finished at'} step {result.step}", flush=True)
   return 0

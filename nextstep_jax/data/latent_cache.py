@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from nextstep_jax.config import LATENT_PATCH_SIZE
 from nextstep_jax.data.buckets import bucket_grids
 from nextstep_jax.data.builders import DatasetError, TfdsSource, write_dataset
 from nextstep_jax.data.records import SKIP_REASONS, BadRecord, require_text, to_str
@@ -24,7 +25,6 @@ from nextstep_jax.data.samples import prepare_image
 from nextstep_jax.images import resize_center_crop, to_float
 
 logger = logging.getLogger("nextstep_jax.data")
-LM_PATCH = 2  # NextStep latent_patch_size
 
 
 def make_encoder(vae_cfg: Any, params: Any, shard: bool = True) -> Callable[[np.ndarray], np.ndarray]:
@@ -42,7 +42,7 @@ def make_encoder(vae_cfg: Any, params: Any, shard: bool = True) -> Callable[[np.
 
   @jax.jit
   def tokens_fn(p, x):
-    return patchify(encode_latents(p, vae_cfg, x, deterministic=True), LM_PATCH)
+    return patchify(encode_latents(p, vae_cfg, x, deterministic=True), LATENT_PATCH_SIZE)
 
   def encode(images_uint8: np.ndarray) -> np.ndarray:
     x = to_float(np.asarray(images_uint8))
@@ -135,6 +135,6 @@ def encode_with_model(src: str | os.PathLike, dst: str | os.PathLike, vae_dir: s
   from nextstep_jax.convert.vae import load_vae
 
   vae_cfg, params = load_vae(vae_dir)
-  return encode_dataset(src, dst, make_encoder(vae_cfg, params), vae_cfg.downsample_factor * LM_PATCH,
+  return encode_dataset(src, dst, make_encoder(vae_cfg, params), vae_cfg.downsample_factor * LATENT_PATCH_SIZE,
                         batch_size=batch_size, resolution=resolution, buckets=buckets,
                         min_size_ratio=min_size_ratio, overwrite=overwrite, progress=progress)

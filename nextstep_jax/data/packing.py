@@ -13,6 +13,7 @@ Batch (B rows, L = seq_len, T image slots) — the contract the model and traine
   int32 (row, col, rows, cols) of every slot's token (models/image_grid.py), zeros in empty slots.
   `_skipped`: list of skip markers met while building this batch (stripped by the DataIterator); at the end of
   finite data a batch may be only {"_skipped": [...], "_empty": True}.
+  Preference (DPO) batches add `rejected_image_tokens` (B, T, D): the rejected image's tokens in the same slots.
 
 Checkpointing: every sample read since the last emitted batch is still pending (in the open row or in closed,
 not yet batched rows), and those samples are contiguous in the parent stream. The state is therefore the parent
@@ -29,6 +30,9 @@ import numpy as np
 
 from nextstep_jax.images import to_float
 from nextstep_jax.tokens import IGNORE_INDEX
+
+
+REJECTED = "rejected_image_tokens"  # the preference-pair batch key
 
 
 class TooLongError(ValueError):

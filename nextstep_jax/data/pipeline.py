@@ -40,6 +40,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from nextstep_jax.data.buckets import bucket_grids
 from nextstep_jax.data.builders import DatasetError, TfdsSource
 from nextstep_jax.data.config import DataConfig, validate_data_config
 from nextstep_jax.data.packing import PackBatchIterDataset, PackSpec
@@ -230,19 +231,24 @@ def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, Any]:
   return {k: jax.make_array_from_process_local_data(shardings[k], v, shapes[k]) for k, v in batch.items()}
 
 
-def batch_shapes(cfg: Any) -> dict[str, Any]:
-  """Global `jax.ShapeDtypeStruct`s of one batch (for AOT compilation / abstract train steps)."""
+def batch_shapes(data: Any, step_input: bool = False) -> dict[str, Any]:
+  """Global `jax.ShapeDtypeStruct`s of one batch of `config.data` (for AOT compilation / abstract train steps);
+  reads only the shape fields, so configs without datasets (synthetic data) work. `step_input`: as the train step
+  sees it — with encode_on_the_fly the VAE has already turned `pixel_values` into `image_tokens`."""
   import jax
 
-  cfg = _config(cfg)
-  b, length = cfg.global_batch_size, cfg.seq_len
+  d = data
+  b, length = int(d.global_batch_size), int(d.seq_len)
   out = {k: jax.ShapeDtypeStruct((b, length), np.int32) for k in BATCH_KEYS_LATENT[:4]}
-  if cfg.encode_on_the_fly:
-    (h, w), = cfg.grids
-    out["pixel_values"] = jax.ShapeDtypeStruct((b, h * cfg.down_factor, w * cfg.down_factor, 3), np.float32)
-    out["image_loss_mask"] = jax.ShapeDtypeStruct((b, h * w), np.float32)
+  if d.get("encode_on_the_fly", False):
+    (h, w), = bucket_grids(d.resolution, d.down_factor, "fixed")
+    slots = h * w
+    if not step_input:
+      out["pixel_values"] = jax.ShapeDtypeStruct((b, h * d.down_factor, w * d.down_factor, 3), np.float32)
   else:
-    out["image_tokens"] = jax.ShapeDtypeStruct((b, cfg.image_slots, cfg.token_dim), np.float32)
-    out["image_loss_mask"] = jax.ShapeDtypeStruct((b, cfg.image_slots), np.float32)
-  out["image_token_grid"] = jax.ShapeDtypeStruct(out["image_loss_mask"].shape + (4,), np.int32)
+    slots = int(d.max_image_tokens or length)
+  if "pixel_values" not in out:
+    out["image_tokens"] = jax.ShapeDtypeStruct((b, slots, int(d.token_dim)), np.float32)
+  out["image_loss_mask"] = jax.ShapeDtypeStruct((b, slots), np.float32)
+  out["image_token_grid"] = jax.ShapeDtypeStruct((b, slots, 4), np.int32)
   return out

@@ -1,7 +1,7 @@
 """Preference data: (prompt, chosen image, rejected image) triplets as a TFDS ArrayRecord dataset, and the Grain
 pipeline that turns them into DPO batches.
 
-Dataset `ns_prefs` (one record per pair; written by `data/preference_pairs.py`, i.e. `nextstep-jax data prefs`):
+Dataset `ns_prefs` (one record per pair; written by `apps/preference_pairs.py`, i.e. `nextstep-jax data prefs`):
   prompt (text), chosen / rejected (PNG or original encoded bytes, for looking at), chosen_tokens /
   rejected_tokens (n, D) float32 (normalised, patchified VAE latents — or the sampled tokens — of a shared token
   grid), grid (2,) int32, chosen_score / rejected_score float32, meta (json).
@@ -28,14 +28,13 @@ import tensorflow_datasets as tfds
 from nextstep_jax.data.builders import (SPLIT, VERSION, DatasetError, TfdsSource, _bytes_feature, _grid, _NsBuilder,
                                         _tokens, resolve_dataset_dir)
 from nextstep_jax.data.config import validate_data_config
-from nextstep_jax.data.packing import PackSpec, assemble_batch
+from nextstep_jax.data.packing import REJECTED, PackSpec, assemble_batch
 from nextstep_jax.data.records import BadRecord
 from nextstep_jax.data.samples import _clean_text, _tokens as _record_tokens, tag_index
 from nextstep_jax.models.image_grid import grid_slots
 from nextstep_jax.tokens import load_tokenizer
 
 PREFS = "ns_prefs"
-REJECTED = "rejected_image_tokens"  # the batch key (nextstep_jax.train.dpo.REJECTED)
 
 
 class NsPrefs(_NsBuilder):

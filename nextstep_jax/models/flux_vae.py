@@ -31,17 +31,16 @@ import jax
 import jax.numpy as jnp
 
 from nextstep_jax import sharding
-from nextstep_jax.config import VAEConfig
+from nextstep_jax.config import LATENT_PATCH_SIZE, VAEConfig
 from nextstep_jax.models import latents
 from nextstep_jax.models.layers import logical, parameter_free_layer_norm, to_dtype
 
 LOGVAR_RANGE = (-30.0, 20.0)
-LM_PATCH = 2  # NextStep's latent_patch_size: images must also tile into 2×2 latent patches
 
 
 def image_multiple(cfg: VAEConfig) -> int:
   """Image H and W must be multiples of this: VAE down factor × the LM patch (and the psz grouping)."""
-  return cfg.downsample_factor * math.lcm(LM_PATCH, cfg.psz or 1)
+  return cfg.downsample_factor * math.lcm(LATENT_PATCH_SIZE, cfg.psz or 1)
 
 
 def check_image_shape(cfg: VAEConfig, shape: tuple[int, ...]) -> None:

@@ -194,10 +194,20 @@ def loss_counts(cfg: ModelConfig, batch: dict[str, Any]) -> dict[str, jax.Array]
   return {"ce_count": ce.astype(jnp.float32), "fm_count": fm.astype(jnp.float32)}
 
 
+def per_count(total: jax.Array, count: jax.Array) -> jax.Array:
+  """`total / count`, 0 for an empty count (CE tokens, pairs)."""
+  return total / jnp.maximum(count, 1.0)
+
+
+def per_fm_row(total: jax.Array, count: jax.Array) -> jax.Array:
+  """A flow-matching error sum over `count` rows (tokens × batch_mul): the official `/ (count + 1e-8)`."""
+  return total / (count + 1e-8)
+
+
 def combine_losses(cfg: ModelConfig, terms: dict[str, jax.Array], counts: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """total = lm_w · ce_sum/ce_count + im_w · fm_sum/(fm_count + 1e-8) (official normalisation)."""
-  ce = terms["ce_sum"] / jnp.maximum(counts["ce_count"], 1.0)
-  fm = terms["fm_sum"] / (counts["fm_count"] + 1e-8)
+  ce = per_count(terms["ce_sum"], counts["ce_count"])
+  fm = per_fm_row(terms["fm_sum"], counts["fm_count"])
   return {"loss": cfg.lm_loss_weight * ce + cfg.im_loss_weight * fm, "text_loss": ce, "image_loss": fm}
 
 

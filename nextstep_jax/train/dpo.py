@@ -17,7 +17,7 @@ default), never in the optimizer and never differentiated (its errors are comput
 and wrapped in `stop_gradient`). Micro-batch accumulation and the NaN/Inf guard come from `train/update.py`;
 losses are normalised by global pair / token counts, so accumulation is exact.
 
-`config.dpo` (`dpo_section`): beta, sft_weight, ref_dtype, ref_from ("" = the stage's own initial params).
+`config.dpo` (`DpoConfig`): beta, sft_weight, ref_dtype, ref_from ("" = the stage's own initial params).
 """
 from __future__ import annotations
 
@@ -27,47 +27,48 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from nextstep_jax.config import DTYPES, ConfigError, ModelConfig
+from nextstep_jax import sharding
+from nextstep_jax.config import DTYPES, ModelConfig
+from nextstep_jax.data.packing import REJECTED
+from nextstep_jax.data.preferences import make_pref_iterator
 from nextstep_jax.models.layers import to_dtype
-from nextstep_jax.models.nextstep import NextStep, draw_fm_noise, placeholder_slots
+from nextstep_jax.models.nextstep import NextStep, draw_fm_noise, per_count, per_fm_row, placeholder_slots
 from nextstep_jax.train import flops as flops_lib
-from nextstep_jax.train.state import TrainState
+from nextstep_jax.train.config import check, finite, section_dict, typed_view
+from nextstep_jax.train.objective import Objective, StepContext, StepProgram, jit_step
+from nextstep_jax.train.state import TrainState, init_state, load_init_params
+from nextstep_jax.train.synthetic import synthetic_pair_batch
 from nextstep_jax.train.update import accumulate, guarded_update
 
-REJECTED = "rejected_image_tokens"
 SUM_KEYS = ("dpo_sum", "margin_sum", "correct", "gap_w_sum", "gap_l_sum", "err_w_sum", "err_l_sum", "fm_sum")
-
-
-def dpo_section(**overrides) -> ml_collections.ConfigDict:
-  """`config.dpo` defaults. β multiplies per-dimension mean squared errors, which move by ~1e-3 between
-  models, hence the Diffusion-DPO-sized default."""
-  d = dict(beta=5000.0, sft_weight=0.0, ref_dtype="bfloat16",
-           ref_from="")  # "" = the stage's initial params (config.train.init_from merged into a fresh init)
-  d.update(overrides)
-  return ml_collections.ConfigDict(d)
 
 
 @dataclasses.dataclass(frozen=True)
 class DpoConfig:
+  """`config.dpo`. β multiplies per-dimension mean squared errors, which move by ~1e-3 between models, hence the
+  Diffusion-DPO-sized default."""
   beta: float = 5000.0
-  sft_weight: float = 0.0
-  ref_dtype: str = "bfloat16"
+  sft_weight: float = 0.0  # weight of the winners' flow-matching loss added to the DPO loss
+  ref_dtype: str = "bfloat16"  # the frozen reference's matrices
+  ref_from: str = ""  # "" = the stage's initial params (config.train.init_from merged into a fresh init)
 
   @classmethod
   def from_config(cls, section: Any) -> "DpoConfig":
-    d = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(section or {})
-    out = cls(beta=float(d.get("beta", cls.beta)), sft_weight=float(d.get("sft_weight", cls.sft_weight)),
-              ref_dtype=str(d.get("ref_dtype", cls.ref_dtype)))
-    if not out.beta > 0:
-      raise ConfigError(f"config.dpo.beta={out.beta} must be > 0")
-    if out.sft_weight < 0:
-      raise ConfigError(f"config.dpo.sft_weight={out.sft_weight} must be >= 0")
-    if out.ref_dtype not in DTYPES:
-      raise ConfigError(f"config.dpo.ref_dtype={out.ref_dtype!r} is not one of {DTYPES}")
-    return out
+    return typed_view(cls, section, "config.dpo").validate()
+
+  def validate(self) -> "DpoConfig":
+    finite(self, "config.dpo", "beta", "sft_weight")
+    check(self.beta > 0, f"config.dpo.beta={self.beta} must be > 0 (Diffusion-DPO scale: 500–5000)")
+    check(self.sft_weight >= 0, f"config.dpo.sft_weight={self.sft_weight} must be >= 0")
+    check(self.ref_dtype in DTYPES, f"config.dpo.ref_dtype={self.ref_dtype!r} is not one of {DTYPES}")
+    return self
+
+
+def dpo_section(**overrides) -> ml_collections.ConfigDict:
+  """`config.dpo` with every field at its default, `overrides` applied."""
+  return section_dict(DpoConfig, overrides, "config.dpo")
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -125,12 +126,11 @@ def dpo_objective(cfg: ModelConfig, dcfg: DpoConfig):
     def loss_fn(p):
       sum_w, sum_l, count = pair_errors(model, p, batch, noise, u)
       valid = (count > 0).astype(jnp.float32)
-      n = jnp.maximum(count, 1.0)
-      e_w, e_l = sum_w / n, sum_l / n
-      gap_w, gap_l = e_w - ref_w / n, e_l - ref_l / n
+      e_w, e_l = per_count(sum_w, count), per_count(sum_l, count)
+      gap_w, gap_l = e_w - per_count(ref_w, count), e_l - per_count(ref_l, count)
       margin = -0.5 * dcfg.beta * (gap_w - gap_l)
       dpo = jnp.sum(valid * jax.nn.softplus(-margin))  # −log σ(margin)
-      loss = dpo / jnp.maximum(counts["pairs"], 1.0) + dcfg.sft_weight * jnp.sum(sum_w) / (counts["fm_count"] + 1e-8)
+      loss = per_count(dpo, counts["pairs"]) + dcfg.sft_weight * per_fm_row(jnp.sum(sum_w), counts["fm_count"])
       sums = dict(zip(SUM_KEYS, (dpo, jnp.sum(valid * margin), jnp.sum(valid * (margin > 0)), jnp.sum(valid * gap_w),
                                  jnp.sum(valid * gap_l), jnp.sum(valid * e_w), jnp.sum(valid * e_l), jnp.sum(sum_w))))
       return loss, sums
@@ -157,11 +157,11 @@ def dpo_step(cfg: ModelConfig, dcfg: DpoConfig, tx: optax.GradientTransformation
   loss, s, grads = dpo_loss_and_grads(cfg, dcfg, state.params, ref_params, batch, jax.random.fold_in(key, state.step),
                                       microbatches)
   new_state, ok, grad_norm = guarded_update(tx, state, loss, grads)
-  pairs = jnp.maximum(s["pairs"], 1.0)
-  metrics = {"loss": loss, "dpo_loss": s["dpo_sum"] / pairs, "reward_margin": s["margin_sum"] / pairs,
-             "reward_accuracy": s["correct"] / pairs, "error_w": s["err_w_sum"] / pairs,
-             "error_l": s["err_l_sum"] / pairs, "error_w_gap": s["gap_w_sum"] / pairs,
-             "error_l_gap": s["gap_l_sum"] / pairs, "sft_loss": s["fm_sum"] / (s["fm_count"] + 1e-8),
+  per_pair = lambda k: per_count(s[k], s["pairs"])
+  metrics = {"loss": loss, "dpo_loss": per_pair("dpo_sum"), "reward_margin": per_pair("margin_sum"),
+             "reward_accuracy": per_pair("correct"), "error_w": per_pair("err_w_sum"),
+             "error_l": per_pair("err_l_sum"), "error_w_gap": per_pair("gap_w_sum"),
+             "error_l_gap": per_pair("gap_l_sum"), "sft_loss": per_fm_row(s["fm_sum"], s["fm_count"]),
              "grad_norm": grad_norm, "lr": schedule(state.step - state.skipped), "skipped_updates": new_state.skipped,
              "update_ok": ok, "pair_count": s["pairs"], "image_token_count": s["fm_count"] / cfg.fm_head_batch_mul}
   return new_state, metrics
@@ -169,12 +169,9 @@ def dpo_step(cfg: ModelConfig, dcfg: DpoConfig, tx: optax.GradientTransformation
 
 def jit_dpo_step(cfg: ModelConfig, dcfg: DpoConfig, tx, schedule, microbatches: int, state_shardings: TrainState,
                  batch_shardings: dict[str, Any], mesh, donate: bool = True):
-  """jit of `dpo_step(state, ref_params, batch, key)` with explicit in/out shardings; the state is donated, the
-  reference (same shardings as the params) is not. Trace it under `sharding.use_mesh(mesh)`."""
-  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  """jit of `dpo_step(state, ref_params, batch, key)`; the reference (the params' shardings) is not donated."""
   fn = lambda state, ref, batch, key: dpo_step(cfg, dcfg, tx, schedule, microbatches, state, ref, batch, key)
-  return jax.jit(fn, in_shardings=(state_shardings, state_shardings.params, batch_shardings, rep),
-                 out_shardings=(state_shardings, rep), donate_argnums=(0,) if donate else ())
+  return jit_step(fn, state_shardings, batch_shardings, mesh, bound_shardings=state_shardings.params, donate=donate)
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -189,31 +186,16 @@ def as_reference(params: Any, dtype: str, shardings: Any) -> Any:
   return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)
 
 
-def reference_params(config, cfg: ModelConfig, mesh, param_shardings: Any, init_rng: jax.Array,
-                     init_params: Any = None) -> Any:
+def reference_params(ctx: StepContext, init_params: Any = None) -> Any:
   """The frozen reference: `config.dpo.ref_from` if set, else the stage's initial params — `init_params` when
   the caller has them (fresh start), else rebuilt exactly as `train` built them (init_from merged into the
-  fresh init of `init_rng`), so a resumed run gets the same reference."""
-  from nextstep_jax.train.loop import load_init_params
-  from nextstep_jax.train.state import init_state
-  dcfg = DpoConfig.from_config(config.get("dpo"))
-  src = config.dpo.get("ref_from", "") if "dpo" in config else ""
-  if src or init_params is None:
-    src = src or config.train.init_from
-    given = load_init_params(src, cfg, mesh) if src else None
-    init_params = init_state(cfg, optax.identity(), mesh, init_rng, params=given).params
-  return as_reference(init_params, dcfg.ref_dtype, param_shardings)
-
-
-def make_step_fn(config, cfg: ModelConfig, tx, schedule, state_sh: TrainState, batch_sh: dict, mesh,
-                 init_rng: jax.Array, init_params: Any = None):
-  """`train`'s DPO step: (state, batch, key) → (state, metrics), the reference bound in."""
-  from nextstep_jax import sharding
-  dcfg = DpoConfig.from_config(config.get("dpo"))
-  ref = reference_params(config, cfg, mesh, state_sh.params, init_rng, init_params)
-  with sharding.use_mesh(mesh):
-    step = jit_dpo_step(cfg, dcfg, tx, schedule, config.train.microbatches, state_sh, batch_sh, mesh)
-  return lambda state, batch, key: step(state, ref, batch, key)
+  fresh init of `ctx.init_rng`), so a resumed run gets the same reference."""
+  dcfg: DpoConfig = ctx.section
+  if dcfg.ref_from or init_params is None:
+    src = dcfg.ref_from or ctx.run.init_from
+    given = load_init_params(src, ctx.cfg, ctx.mesh) if src else None
+    init_params = init_state(ctx.cfg, optax.identity(), ctx.mesh, ctx.init_rng, params=given).params
+  return as_reference(init_params, dcfg.ref_dtype, ctx.state_shardings.params)
 
 
 def step_flops(cfg: ModelConfig, pairs: int, seq_len: int, image_tokens: int) -> flops_lib.StepFlops:
@@ -225,33 +207,38 @@ def step_flops(cfg: ModelConfig, pairs: int, seq_len: int, image_tokens: int) ->
   return flops_lib.StepFlops(backbone=4.0 * rows * seq_len * per_token, head=4.0 * head)
 
 
-# ----------------------------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------------------------- objective
 
 
-def synthetic_pair_batch(cfg: ModelConfig, index: int, batch: int, seq_len: int, image_tokens: int,
-                         seed: int = 0) -> dict[str, np.ndarray]:
-  """`synthetic_batch` plus an independent rejected token set in the same slots."""
-  from nextstep_jax.train.synthetic import synthetic_batch
-  out = synthetic_batch(cfg, index, batch, seq_len, image_tokens, seed)
-  rng = np.random.default_rng([seed, index, 1])
-  toks = rng.standard_normal(out["image_tokens"].shape).astype(np.float32)
-  out[REJECTED] = (toks - toks.mean(-1, keepdims=True)) / toks.std(-1, keepdims=True)
-  return out
+class Dpo(Objective):
+  """Preference pairs against a frozen reference (bound into the step; shardings of the policy's params)."""
+  name, section_name = "dpo", "dpo"
 
+  def config_view(self, config) -> DpoConfig:
+    return DpoConfig.from_config(config.get("dpo", {}))
 
-def make_data_iterator(config, cfg: ModelConfig):
-  """Process-local pair batches: synthetic (config.train.synthetic_data) or preference datasets (config.data)."""
-  import grain
-  d = config.data
-  pi, pc = jax.process_index(), jax.process_count()
-  if config.train.synthetic_data:
-    if d.global_batch_size % pc:
-      raise ValueError(f"global batch {d.global_batch_size} is not divisible by {pc} processes")
-    local = d.global_batch_size // pc
-    rows = slice(pi * local, (pi + 1) * local)
-    make = lambda i: {k: v[rows] for k, v in synthetic_pair_batch(
-        cfg, int(i), d.global_batch_size, d.seq_len, d.max_image_tokens or d.seq_len, d.seed).items()}
-    return iter(grain.MapDataset.range(1 << 40).map(make).to_iter_dataset())
-  from nextstep_jax.data.preferences import make_pref_iterator
-  return make_pref_iterator(d, pi, pc)
+  def synthetic_batch(self, cfg, index, batch, seq_len, image_tokens, seed):
+    return synthetic_pair_batch(cfg, index, batch, seq_len, image_tokens, seed)
 
+  def dataset_iterator(self, data_config, process_index, process_count):
+    return make_pref_iterator(data_config, process_index, process_count)
+
+  def batch_extras(self, shapes):
+    return {REJECTED: shapes["image_tokens"]}
+
+  def _program(self, ctx: StepContext):
+    with sharding.use_mesh(ctx.mesh):
+      return jit_dpo_step(ctx.cfg, ctx.section, ctx.tx, ctx.schedule, ctx.run.microbatches, ctx.state_shardings,
+                          ctx.batch_shardings, ctx.mesh)
+
+  def make_step(self, ctx, init_params=None):
+    return StepProgram(self._program(ctx), reference_params(ctx, init_params))
+
+  def abstract_step(self, ctx, abstract_state):
+    ref_dt = jnp.dtype(ctx.section.ref_dtype)
+    ref = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, ref_dt if a.ndim >= 2 else a.dtype,
+                                                      sharding=a.sharding), abstract_state.params)
+    return StepProgram(self._program(ctx), ref)
+
+  def step_flops(self, cfg, rows, seq_len, image_tokens):
+    return step_flops(cfg, rows, seq_len, image_tokens)

@@ -11,20 +11,19 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from nextstep_jax.train.config import TrainConfig
+
 NO_DECAY_LEAVES = ("bias", "scale")  # biases and RMSNorm/LayerNorm weights
 
 
-def lr_schedule(t: Any) -> optax.Schedule:
-  """`config.train`: lr, end_lr, warmup_steps, steps, schedule ("cosine" | "constant")."""
-  warmup = optax.linear_schedule(0.0, t.lr, max(int(t.warmup_steps), 1))
-  if t.schedule == "constant":
-    main = optax.constant_schedule(t.lr)
-  elif t.schedule == "cosine":
-    decay_steps = max(int(t.steps) - int(t.warmup_steps), 1)
-    main = optax.cosine_decay_schedule(t.lr, decay_steps, alpha=t.end_lr / t.lr if t.lr else 0.0)
+def lr_schedule(run: TrainConfig) -> optax.Schedule:
+  """Linear warmup to `lr`, then cosine decay to `end_lr` or constant (`TrainConfig.schedule`)."""
+  warmup = optax.linear_schedule(0.0, run.lr, max(run.warmup_steps, 1))
+  if run.schedule == "constant":
+    main = optax.constant_schedule(run.lr)
   else:
-    raise ValueError(f"config.train.schedule={t.schedule!r} is not one of cosine, constant")
-  return optax.join_schedules([warmup, main], [int(t.warmup_steps)])
+    main = optax.cosine_decay_schedule(run.lr, max(run.steps - run.warmup_steps, 1), alpha=run.end_lr / run.lr)
+  return optax.join_schedules([warmup, main], [run.warmup_steps])
 
 
 def decay_mask(params: Any) -> Any:
@@ -58,12 +57,14 @@ def params_ema(decay: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(t: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  schedule = lr_schedule(t)
-  links = [optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
-           optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)]
-  if t.get("ema_decay", 0.0):
-    links.append(params_ema(float(t.ema_decay)))
+def make_optimizer(train: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, lr schedule) of `config.train` (a TrainConfig or the raw section, validated here)."""
+  run = TrainConfig.from_config(train)
+  schedule = lr_schedule(run)
+  links = [optax.clip_by_global_norm(run.grad_clip) if run.grad_clip > 0 else optax.identity(),
+           optax.adamw(schedule, b1=run.b1, b2=run.b2, eps=run.eps, weight_decay=run.weight_decay, mask=decay_mask)]
+  if run.ema_decay:
+    links.append(params_ema(run.ema_decay))
   return optax.chain(*links), schedule
 
 

@@ -10,9 +10,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nextstep_jax import sharding
+from etils import epath
+
+from nextstep_jax import params_io, sharding
+from nextstep_jax.checkpoint import Checkpointer
 from nextstep_jax.config import ModelConfig
-from nextstep_jax.models.nextstep import init_fn
+from nextstep_jax.models.nextstep import abstract_params, init_fn
 from nextstep_jax.train.optimizer import opt_state_shardings
 
 
@@ -36,8 +39,7 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh) ->
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                         opt_state=jax.eval_shape(tx.init, abstract_params),
                         skipped=jax.ShapeDtypeStruct((), jnp.int32))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return abstract, shardings
+  return sharding.abstract_sharded(abstract, shardings), shardings
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, rng: jax.Array,
@@ -54,6 +56,23 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, rng: ja
   with sharding.use_mesh(mesh):
     given = None if params is None else jax.device_put(params, _given_shardings(params, shardings.params))
     return jax.jit(make, out_shardings=shardings)(rng, given)
+
+
+def load_init_params(path: str, cfg: ModelConfig, mesh) -> Any:
+  """Params of a previous stage: an export dir (params/) or a training workdir (its latest checkpoint)."""
+  root = epath.Path(path)
+  if (root / "params").exists():
+    return params_io.load_params(root / "params")
+  if (root / "checkpoints").exists():
+    abstract, names = abstract_params(cfg)
+    target = sharding.sharded_abstract_params(abstract, names, mesh)
+    ckpt = Checkpointer(path, save_every=1)
+    try:
+      return ckpt.restore_params(None, target)
+    finally:
+      ckpt.close()
+  raise FileNotFoundError(f"config.train.init_from={path!r} is neither an export (params/) nor a training "
+                          f"workdir (checkpoints/); point it at the previous stage's WORKDIR or WORKDIR/export")
 
 
 def _given_shardings(given: Any, param_shardings: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The jitted training step: CE + flow-matching loss, gradient accumulation, NaN/Inf guard, AdamW update.
+"""The flow-matching objective ("fm"): CE + flow-matching loss, gradient accumulation, NaN/Inf guard, AdamW update.
 
 Gradient accumulation scans over `microbatches` strided slices of the global batch (row i goes to micro-batch
 i mod M, so each device's rows split locally). Every micro-batch loss is normalised by the *global* token counts
@@ -10,11 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
+from nextstep_jax import sharding
 from nextstep_jax.config import ModelConfig
-from nextstep_jax.models.nextstep import NextStep, draw_fm_noise, draw_input_noise, loss_counts
+from nextstep_jax.data.pipeline import make_iterator
+from nextstep_jax.models.nextstep import NextStep, combine_losses, draw_fm_noise, draw_input_noise, loss_counts
+from nextstep_jax.train.flops import train_step_flops
+from nextstep_jax.train.objective import Objective, StepContext, StepProgram, jit_step
 from nextstep_jax.train.state import TrainState
 from nextstep_jax.train.update import accumulate, guarded_update
 
@@ -25,9 +28,7 @@ def make_loss_fn(cfg: ModelConfig):
   def loss_fn(params, batch, noise, u, counts, *input_noise):
     extra = (input_noise[0][0],) if input_noise else ()  # (1, B, T, K) → (B, T, K)
     terms = model.apply(params, batch, noise, u, *extra, method=NextStep.loss_terms)
-    loss = (cfg.lm_loss_weight * terms["ce_sum"] / jnp.maximum(counts["ce_count"], 1.0)
-            + cfg.im_loss_weight * terms["fm_sum"] / (counts["fm_count"] + 1e-8))
-    return loss, terms
+    return combine_losses(cfg, terms, counts)["loss"], terms
   return loss_fn
 
 
@@ -49,8 +50,8 @@ def train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: opt
   step_key = jax.random.fold_in(key, state.step)
   loss, terms, grads = loss_and_grads(cfg, state.params, batch, step_key, microbatches)
   new_state, ok, grad_norm = guarded_update(tx, state, loss, grads)
-  metrics = {"loss": loss, "text_loss": terms["ce_sum"] / jnp.maximum(terms["ce_count"], 1.0),
-             "image_loss": terms["fm_sum"] / (terms["fm_count"] + 1e-8), "grad_norm": grad_norm,
+  means = combine_losses(cfg, terms, terms)
+  metrics = {"loss": loss, "text_loss": means["text_loss"], "image_loss": means["image_loss"], "grad_norm": grad_norm,
              "lr": schedule(state.step - state.skipped), "skipped_updates": new_state.skipped, "update_ok": ok,
              "text_token_count": terms["ce_count"], "image_token_count": terms["fm_count"] / cfg.fm_head_batch_mul}
   return new_state, metrics
@@ -59,7 +60,27 @@ def train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: opt
 def jit_train_step(cfg: ModelConfig, tx, schedule, microbatches: int, state_shardings: TrainState,
                    batch_shardings: dict[str, Any], mesh, donate: bool = True):
   """jit with explicit in/out shardings (state donated). Trace it under `sharding.use_mesh(mesh)`."""
-  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   fn = lambda state, batch, key: train_step(cfg, tx, schedule, microbatches, state, batch, key)
-  return jax.jit(fn, in_shardings=(state_shardings, batch_shardings, rep), out_shardings=(state_shardings, rep),
-                 donate_argnums=(0,) if donate else ())
+  return jit_step(fn, state_shardings, batch_shardings, mesh, donate=donate)
+
+
+class FlowMatching(Objective):
+  """Pre-training / SFT / editing: CE on text + flow matching on image tokens over t2i-contract batches."""
+  name = "fm"
+
+  def dataset_iterator(self, data_config, process_index, process_count):
+    return make_iterator(data_config, process_index, process_count)
+
+  def _program(self, ctx: StepContext):
+    with sharding.use_mesh(ctx.mesh):
+      return jit_train_step(ctx.cfg, ctx.tx, ctx.schedule, ctx.run.microbatches, ctx.state_shardings,
+                            ctx.batch_shardings, ctx.mesh)
+
+  def make_step(self, ctx, init_params=None):
+    return StepProgram(self._program(ctx))
+
+  def abstract_step(self, ctx, abstract_state):
+    return StepProgram(self._program(ctx))
+
+  def step_flops(self, cfg, rows, seq_len, image_tokens):
+    return train_step_flops(cfg, rows, seq_len, image_tokens)

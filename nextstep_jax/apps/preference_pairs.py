@@ -22,7 +22,18 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from nextstep_jax.data.records import encode_png, meta_json
+from nextstep_jax.convert.vae import load_vae
+from nextstep_jax.data import shapes
+from nextstep_jax.data.buckets import bucket_grids
+from nextstep_jax.data.builders import _jsonl, _read_bytes
+from nextstep_jax.config import LATENT_PATCH_SIZE
+from nextstep_jax.data.latent_cache import make_encoder
+from nextstep_jax.data.preferences import write_prefs
+from nextstep_jax.data.records import BadRecord, encode_png, meta_json, require_text
+from nextstep_jax.data.samples import prepare_image
+from nextstep_jax.eval.shapes_scorer import score_image
+from nextstep_jax.images import resize_center_crop
+from nextstep_jax.sampling.pipeline import Sampler
 
 Scorer = Callable[[np.ndarray, str], float]
 SHAPES_VERDICTS = ("color", "kind", "count", "objects", "position", "fully_correct")
@@ -30,7 +41,6 @@ SHAPES_VERDICTS = ("color", "kind", "count", "objects", "position", "fully_corre
 
 def shapes_score(image: np.ndarray, prompt: str) -> float:
   """Fraction of the shapes evaluator's verdicts that hold for `image` under `prompt` (0…1, steps of 1/6)."""
-  from nextstep_jax.eval.shapes_scorer import score_image
   verdicts = score_image(image, prompt)
   return float(np.mean([bool(verdicts[k]) for k in SHAPES_VERDICTS]))
 
@@ -50,7 +60,6 @@ def load_scorer(name: str) -> Scorer:
 
 def shapes_prompts(n: int, seed: int = 0) -> list[str]:
   """`n` captions of the shapes world's training distribution (the stream of `data build --kind shapes`)."""
-  from nextstep_jax.data import shapes
   return [shapes.sample_scene(shapes.scene_rng(seed, i)).caption for i in range(n)]
 
 
@@ -92,7 +101,6 @@ def sampled_pairs(sampler, prompts: Sequence[str], score: Scorer, opts, s: PairS
     counts.setdefault(key, 0)
   encode = None
   if s.tokens == "encode":
-    from nextstep_jax.data.latent_cache import make_encoder
     encode = make_encoder(sampler.vae_cfg, sampler.vae_params)
   grid = np.asarray(sampler.token_grid(opts.height, opts.width), np.int32)
   n_out = 0
@@ -128,7 +136,6 @@ def make_prefs_from_model(model_dir: str | os.PathLike, prompts: Sequence[str], 
                           score: Scorer, opts, settings: PairSettings = PairSettings(),
                           overwrite: bool = False) -> tuple[str, dict]:
   """Samples K images per prompt with the model at `model_dir`, writes the ranked pairs as `ns_prefs` under dst."""
-  from nextstep_jax.sampling.pipeline import Sampler
   sampler = Sampler.from_checkpoint(model_dir)
   counts: dict = {}
   return _write(dst, lambda: sampled_pairs(sampler, prompts, score, opts, settings, counts), counts, overwrite,
@@ -138,7 +145,6 @@ def make_prefs_from_model(model_dir: str | os.PathLike, prompts: Sequence[str], 
 
 def _write(dst, examples, counts: dict, overwrite: bool, none_msg: str) -> tuple[str, dict]:
   """write_prefs, with a clear error (instead of TFDS's assertion) when no pair came out."""
-  from nextstep_jax.data.preferences import write_prefs
   try:
     return write_prefs(dst, examples, overwrite=overwrite), counts
   except AssertionError:
@@ -152,11 +158,6 @@ def imported_pairs(src: str | os.PathLike, encode: Callable[[np.ndarray], np.nda
                    ) -> Iterator[tuple[int, dict]]:
   """(key, ns_prefs example) per usable line of a {"prompt", "chosen", "rejected"} .jsonl; bad lines are skipped
   and counted in `counts["skipped/<reason>"]`."""
-  from nextstep_jax.data.buckets import bucket_grids
-  from nextstep_jax.data.builders import _jsonl, _read_bytes
-  from nextstep_jax.data.records import BadRecord, require_text
-  from nextstep_jax.data.samples import prepare_image
-  from nextstep_jax.images import resize_center_crop
   counts = {} if counts is None else counts
   grids, path = bucket_grids(resolution, down_factor, buckets), Path(src)
   n_out = 0
@@ -181,11 +182,9 @@ def imported_pairs(src: str | os.PathLike, encode: Callable[[np.ndarray], np.nda
 def import_prefs(src: str | os.PathLike, dst: str | os.PathLike, vae_dir: str | os.PathLike, resolution: int = 256,
                  buckets: str = "aspect", overwrite: bool = False) -> tuple[str, dict]:
   """`imported_pairs` encoded with the VAE of `vae_dir`, written as `ns_prefs` under dst."""
-  from nextstep_jax.convert.vae import load_vae
-  from nextstep_jax.data.latent_cache import LM_PATCH, make_encoder
   vae_cfg, params = load_vae(vae_dir)
   encode = make_encoder(vae_cfg, params, shard=False)
   counts: dict = {}
-  return _write(dst, lambda: imported_pairs(src, encode, vae_cfg.downsample_factor * LM_PATCH, resolution, buckets,
-                                            counts), counts, overwrite,
+  down = vae_cfg.downsample_factor * LATENT_PATCH_SIZE
+  return _write(dst, lambda: imported_pairs(src, encode, down, resolution, buckets, counts), counts, overwrite,
                 f"no usable pair in {src}; lines need prompt, chosen and rejected image paths")

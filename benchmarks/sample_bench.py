@@ -25,9 +25,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nextstep_jax.config import ModelConfig, VAEConfig, flux_vae  # noqa: E402
-from nextstep_jax.models.nextstep import NextStep, init_fn, split_for_decode  # noqa: E402
+from nextstep_jax.models.nextstep import NextStep, init_fn  # noqa: E402
 from nextstep_jax.models.qwen2 import init_cache  # noqa: E402
-from nextstep_jax.sampling import flow  # noqa: E402
+from nextstep_jax.sampling import decode_layout, flow  # noqa: E402
+from nextstep_jax.sampling.decode_layout import split_for_decode  # noqa: E402
 from nextstep_jax.sampling.generate import Spec, compiled_program  # noqa: E402
 
 BENCH = dict(vocab_size=1000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4,
@@ -80,11 +81,11 @@ def split(cfg, params, images: int, repeats: int):
 
   @jax.jit
   def lm_only(dp, emb):
-    cache = init_cache(cfg, rows, s_len, jnp.float32, per_layer=True)
+    cache = decode_layout.init_cache(cfg, rows, s_len, jnp.float32, per_layer=True)
     base = {"params": dp["params"]}
     def body(k, carry):
       cache, e = carry
-      h, cache = model.apply(base, e, key_valid, None, cache, k, dp["unstacked_layers"], method=NextStep.hidden)
+      h, cache = decode_layout.hidden(model, base, dp["unstacked_layers"], e, key_valid, cache, k)
       return cache, e + 1e-6 * h
     return jax.lax.fori_loop(0, n, body, (cache, emb))[1]
 

@@ -23,7 +23,7 @@ import numpy as np
 from nextstep_jax import params_io, sharding
 from nextstep_jax.config import ModelConfig, VAEConfig
 from nextstep_jax.models.image_grid import check_grids_fit
-from nextstep_jax.sampling import flow
+from nextstep_jax.sampling import decode_layout, flow
 from nextstep_jax.sampling.generate import Spec, compiled_program
 
 T2I_POSITIVE = "masterpiece, film grained, best quality."
@@ -55,6 +55,7 @@ class Options:
   buckets: tuple[int, ...] = DEFAULT_BUCKETS
   decode: bool = True
   progress: bool = False  # tqdm bar over image tokens (one host callback per token)
+  return_debug: bool | None = None  # conditions, raw head outputs in Result.extras; None: when draws are injected
 
   def validate(self) -> "Options":
     if self.cfg < 1 or self.cfg_img < 1:
@@ -81,14 +82,14 @@ class Sampler:
                tokenizer: Any = None, mesh: jax.sharding.Mesh | None = None, param_shardings: Any = None,
                unstack_layers: bool | None = None):
     """`unstack_layers` (default: everywhere but TPU) keeps each decoder layer's and head block's weights in
-    separate buffers for the token loop (`nextstep.split_for_decode`); the stacked copy given is not kept."""
-    from nextstep_jax.models.nextstep import split_for_decode
+    separate buffers for the token loop (`decode_layout.split_for_decode`); the stacked copy given is not kept."""
     platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
     if (platform != "tpu" if unstack_layers is None else unstack_layers) and "unstacked_layers" not in params:
-      params = split_for_decode(params)
+      params = decode_layout.split_for_decode(params)
     self.cfg, self.params, self.vae_cfg, self.vae_params = cfg, params, vae_cfg, vae_params
     self.tokenizer, self.mesh, self.param_shardings = tokenizer, mesh, param_shardings
     self._compiled: dict[tuple, Any] = {}
+    self._progress = _TokenRelay()  # the programs' per-token hook (closed over by every program of this sampler)
     self.compile_count = 0
 
   @classmethod
@@ -130,7 +131,7 @@ class Sampler:
   # ------------------------------------------------------------------------------------------- modes
 
   def text_to_image(self, prompts: str | Sequence[str], opts: Options = Options(),
-                    noise_draws: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> Result:
+                    noise_draws: np.ndarray | None = None) -> Result:
     opts = opts.validate()
     tok = self._need_tokenizer()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -140,7 +141,8 @@ class Sampler:
                             T2I_NEGATIVE if opts.negative_prompt is None else opts.negative_prompt, cfg=use_cfg)
     num_images = len(prompts) * opts.num_images_per_prompt
     noise_repeat = num_images if opts.independent_noise else opts.num_images_per_prompt
-    return self._run(rows, None, 2 if use_cfg else 1, num_images, gh, gw, opts, 1.0, noise_repeat, noise_draws)
+    return self._run(rows, src_rows=None, branches=2 if use_cfg else 1, num_images=num_images, grid=(gh, gw),
+                     opts=opts, default_shift=1.0, noise_repeat=noise_repeat, noise_draws=noise_draws)
 
   def edit(self, caption: str, image_uint8: np.ndarray | None, opts: Options = Options(),
            noise_draws: np.ndarray | None = None) -> Result:
@@ -164,7 +166,8 @@ class Sampler:
     src_rows = np.zeros((len(rows), src.shape[1], src.shape[2]), np.float32)
     with_image = n_img * (2 if branches == 3 else 1)  # cond (+ image-uncond) rows carry the source image
     src_rows[:with_image] = np.asarray(src[0])
-    return self._run(rows, src_rows, branches, n_img, gh, gw, opts, 3.2, n_img, noise_draws)
+    return self._run(rows, src_rows=src_rows, branches=branches, num_images=n_img, grid=(gh, gw), opts=opts,
+                     default_shift=3.2, noise_repeat=n_img, noise_draws=noise_draws)
 
   # ------------------------------------------------------------------------------------------- program
 
@@ -173,9 +176,10 @@ class Sampler:
       raise ValueError("this checkpoint has no tokenizer/ directory; copy the tokenizer files into it")
     return self.tokenizer
 
-  def _run(self, rows, src_rows, branches, num_images, gh, gw, opts: Options, default_shift: float,
-           noise_repeat: int, noise_draws) -> Result:
+  def _run(self, rows, *, src_rows, branches: int, num_images: int, grid: tuple[int, int], opts: Options,
+           default_shift: float, noise_repeat: int, noise_draws) -> Result:
     from nextstep_jax.tokens import left_pad
+    gh, gw = grid
     ids, mask = left_pad(rows, self.cfg.pad_token_id, opts.buckets)
     self._check_length(ids.shape[1], gh * gw)
     check_grids_fit(self.cfg, [(gh, gw)], f"sample at most {self.cfg.base_image_grid_size} tokens per side")
@@ -184,7 +188,8 @@ class Sampler:
                 flow=flow.FlowConfig(opts.method, opts.steps, shift).validate(),
                 src_tokens=0 if src_rows is None else src_rows.shape[1], noise_repeat=noise_repeat,
                 use_norm=opts.use_norm, cfg_schedule=opts.cfg_schedule, decode=opts.decode and self.vae_cfg is not None,
-                debug=noise_draws is not None, progress=opts.progress)
+                injected_noise=noise_draws is not None, progress=opts.progress,
+                return_debug=noise_draws is not None if opts.return_debug is None else opts.return_debug)
     args = self._place(ids, mask, src_rows)
     key = jax.random.key(opts.seed)
     draws = None if noise_draws is None else jnp.asarray(noise_draws, jnp.float32)
@@ -193,10 +198,11 @@ class Sampler:
     with sharding.use_mesh(self.mesh):
       if spec not in self._compiled:
         t0 = time.perf_counter()
-        self._compiled[spec] = compiled_program(self.cfg, self.vae_cfg, spec).lower(*call_args).compile()
+        program = compiled_program(self.cfg, self.vae_cfg, spec, self._progress if spec.progress else None)
+        self._compiled[spec] = program.lower(*call_args).compile()
         compile_s = time.perf_counter() - t0
         self.compile_count += 1
-      with _progress_bar(spec) as _:
+      with _progress_bar(spec, self._progress):
         t0 = time.perf_counter()
         out = jax.block_until_ready(self._compiled[spec](*call_args))
         run_s = time.perf_counter() - t0
@@ -220,23 +226,32 @@ class Sampler:
     return placed
 
 
-class _progress_bar:
-  """Installs a tqdm bar as the generation program's per-token hook (when the spec asks for progress)."""
+class _TokenRelay:
+  """The host hook a sampler's programs call per token; forwards to whatever `_progress_bar` installed."""
 
-  def __init__(self, spec: Spec):
-    self.spec, self.bar = spec, None
+  def __init__(self):
+    self.target: Callable[[int], None] | None = None
+
+  def __call__(self, k: int) -> None:
+    if self.target is not None:
+      self.target(k)
+
+
+class _progress_bar:
+  """Points the sampler's token relay at a tqdm bar for one call (when the spec asks for progress)."""
+
+  def __init__(self, spec: Spec, relay: _TokenRelay):
+    self.spec, self.relay, self.bar = spec, relay, None
 
   def __enter__(self):
     if self.spec.progress:
       from tqdm import tqdm
-      from nextstep_jax.sampling import generate
       self.bar = tqdm(total=self.spec.num_tokens, desc="image tokens", unit="tok")
-      generate._PROGRESS_HOOK[0] = lambda k: self.bar.update(1)
+      self.relay.target = lambda k: self.bar.update(1)
     return self
 
   def __exit__(self, *exc):
     if self.bar is not None:
-      from nextstep_jax.sampling import generate
-      generate._PROGRESS_HOOK[0] = None
+      self.relay.target = None
       self.bar.update(self.bar.total - self.bar.n)
       self.bar.close()

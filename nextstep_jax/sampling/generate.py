@@ -20,6 +20,7 @@ from nextstep_jax.config import ModelConfig, VAEConfig
 from nextstep_jax.models.flux_vae import decode_latents
 from nextstep_jax.models.latents import unpatchify
 from nextstep_jax.models.layers import parameter_free_layer_norm, to_dtype
+from nextstep_jax.models import quant
 from nextstep_jax.models.nextstep import NextStep
 from nextstep_jax.sampling import decode_layout, flow
 
@@ -87,6 +88,16 @@ def _noise_fn(spec: Spec, key: jax.Array | None, draws: jax.Array | None):
   return for_token
 
 
+def _flow_grid(spec: Spec, n: int):
+  """token k → (the flow times the head is evaluated at (S,), step count): static without a step schedule, else
+  the token's row of the padded grid table and a traced count (one program, dynamic trip counts)."""
+  if spec.flow.schedule == (spec.flow.steps,):
+    times = jnp.asarray(flow.time_grid(spec.flow))
+    return lambda k: (times, None)
+  grids, counts = (jnp.asarray(a) for a in flow.grid_table(spec.flow))
+  return lambda k: (grids[flow.token_segment(spec.flow, k, n)], counts[flow.token_segment(spec.flow, k, n)])
+
+
 def generate_tokens(model: NextStep, params: Any, spec: Spec, *, ids_RxP: jax.Array, mask_RxP: jax.Array,
                     src_tokens_RxTxK: jax.Array | None, cfg_scale: jax.Array, cfg_img: jax.Array,
                     key: jax.Array | None = None, noise_draws: jax.Array | None = None,
@@ -98,7 +109,7 @@ def generate_tokens(model: NextStep, params: Any, spec: Spec, *, ids_RxP: jax.Ar
   k_dim = cfg.token_dim
   params, layers, head_blocks = decode_layout.unpack(params)
   apply = functools.partial(model.apply, params)
-  times = jnp.asarray(flow.time_grid(spec.flow))  # every flow time the head is evaluated at
+  flow_grid = _flow_grid(spec, n)
   key_valid = jnp.concatenate([mask_RxP.astype(bool), jnp.ones((r, n), bool)], axis=1)
   lm_step = functools.partial(decode_layout.hidden, model, params, layers)
   cache = decode_layout.init_cache(cfg, r, spec.prompt_len + n, to_dtype(cfg.dtype), per_layer=layers is not None)
@@ -108,15 +119,21 @@ def generate_tokens(model: NextStep, params: Any, spec: Spec, *, ids_RxP: jax.Ar
 
   def head(k, h_last):
     c = apply(h_last, jnp.full((r,), k), spec.grid_w, method=NextStep.condition)
-    mods = apply(times, c, head_blocks, method=NextStep.head_modulations)  # each (S, R, ·)
+    grid, steps = flow_grid(k)
+    mods = apply(grid, c, head_blocks, method=NextStep.head_modulations)  # each (S, R, ·)
     scale = flow.guidance_scale(cfg_scale, spec.cfg_schedule, k, n)
 
-    def velocity(x, t, i):
+    def guided(x, t, i):
       mods_i = jax.tree.map(lambda m: m[i], mods)
       v = apply(jnp.tile(x, (spec.branches, 1)), mods_i, head_blocks, method=NextStep.velocity_from_modulations)
       return flow.combine_branches(v, spec.branches, scale, cfg_img)
+
+    def cond_only(x, t, i):  # outside the guidance windows: the conditional rows (the first B_img) alone
+      mods_i = jax.tree.map(lambda m: m[i, :b_img], mods)
+      return apply(x, mods_i, head_blocks, method=NextStep.velocity_from_modulations)
     x0, eps = noise_for(k, k_dim)
-    raw = flow.integrate(velocity, x0, spec.flow, eps)
+    velocity = flow.windowed(guided, cond_only, spec.flow, k / n) if spec.branches > 1 else guided
+    raw = flow.integrate(velocity, x0, spec.flow, eps, grid, steps)
     tok = parameter_free_layer_norm(raw, 1e-6) if spec.use_norm else raw
     return tok, raw, c
 
@@ -157,8 +174,10 @@ def compiled_program(cfg: ModelConfig, vae_cfg: VAEConfig | None, spec: Spec, on
   model = NextStep(cfg)
 
   def program(params, vae_params, ids, mask, src_tokens, cfg_scale, cfg_img, key, noise_draws):
-    out = generate_tokens(model, params, spec, ids_RxP=ids, mask_RxP=mask, src_tokens_RxTxK=src_tokens,
-                          cfg_scale=cfg_scale, cfg_img=cfg_img, key=key, noise_draws=noise_draws, on_token=on_token)
+    with quant.quantized_dense():  # int8 kernels (when the params hold scales) run the int8 dot
+      out = generate_tokens(model, params, spec, ids_RxP=ids, mask_RxP=mask, src_tokens_RxTxK=src_tokens,
+                            cfg_scale=cfg_scale, cfg_img=cfg_img, key=key, noise_draws=noise_draws,
+                            on_token=on_token)
     if spec.decode:
       out.update(decode_tokens(vae_params, vae_cfg, out["tokens"], spec.grid_h, spec.grid_w, cfg.latent_patch_size))
     return out

@@ -22,6 +22,7 @@ import numpy as np
 
 from nextstep_jax import params_io, sharding
 from nextstep_jax.config import ModelConfig, VAEConfig
+from nextstep_jax.models import quant
 from nextstep_jax.models.image_grid import check_grids_fit
 from nextstep_jax.sampling import decode_layout, flow
 from nextstep_jax.sampling.generate import Spec, compiled_program
@@ -42,7 +43,10 @@ class Options:
   cfg_schedule: str = "constant"
   steps: int = 50
   shift: float | None = None  # None: 1.0 for text-to-image, 3.2 for editing
-  method: str = "sde_a"
+  method: str = "sde_a"  # flow.METHODS
+  step_schedule: tuple[int, ...] = ()  # per-token flow steps over equal token segments, e.g. (50, 25, 10); ≤ steps
+  guidance_times: tuple[float, float] = (0.0, 1.0)  # CFG only at flow times in [lo, hi] (cond branch alone elsewhere)
+  guidance_tokens: tuple[float, float] = (0.0, 1.0)  # CFG only for tokens k/n in [lo, hi)
   use_norm: bool = True
   positive_prompt: str | None = T2I_POSITIVE  # text-to-image only
   negative_prompt: str | None = None  # None: the official default of the mode
@@ -63,7 +67,14 @@ class Options:
     if self.num_images_per_prompt < 1:
       raise ValueError("num_images_per_prompt must be ≥ 1")
     flow.guidance_scale(jnp.float32(1), self.cfg_schedule, 0, 1)  # raises on an unknown schedule
+    self.flow_config(1.0)
     return self
+
+  def flow_config(self, default_shift: float) -> flow.FlowConfig:
+    """The flow part of these options (validated)."""
+    return flow.FlowConfig(self.method, self.steps, default_shift if self.shift is None else self.shift,
+                           step_schedule=tuple(self.step_schedule), guidance_times=tuple(self.guidance_times),
+                           guidance_tokens=tuple(self.guidance_tokens)).validate()
 
 
 @dataclasses.dataclass
@@ -94,17 +105,30 @@ class Sampler:
 
   @classmethod
   def from_checkpoint(cls, model_dir: str | Path, mesh: jax.sharding.Mesh | None = None,
-                      compute_dtype: str | None = None) -> "Sampler":
-    """Loads a model directory (`nextstep_config.json`, `params/`, `vae_params/`, `tokenizer/`)."""
+                      compute_dtype: str | None = None, quantize: str | None = None) -> "Sampler":
+    """Loads a model directory (`nextstep_config.json`, `params/`, `vae_params/`, `tokenizer/`). `quantize="int8"`
+    samples with int8 dense kernels (`models/quant.py`): those stored by `convert --quantize int8`, else the float
+    weights quantized on load."""
     from nextstep_jax.models.nextstep import abstract_params
     model_dir = Path(model_dir)
     meta = params_io.read_model_config(model_dir)
     cfg = ModelConfig.from_dict(dict(meta["model"], **({"dtype": compute_dtype} if compute_dtype else {})))
+    if quantize is not None and quantize not in quant.MODES:
+      raise ValueError(f"quantize={quantize!r} is not one of {quant.MODES}; pass --quantize int8 or leave it out")
+    stored = meta.get("quantization")
     abstract, names = abstract_params(cfg)
+    float_names = names
+    if stored:
+      abstract, names = quant.quantized_abstract(abstract, names, stored.get("include_head", False))
     mesh = mesh or sharding.mesh_from_shape((1, 1, 1), jax.devices()[:1])
     shardings = sharding.tree_shardings(names, abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     params = params_io.load_params(model_dir / "params", target)
+    if quantize and not stored:
+      params = quant.quantize_params(params)
+      q_abstract, names = quant.quantized_abstract(abstract, float_names)
+      shardings = sharding.tree_shardings(names, q_abstract, mesh)
+      params = jax.device_put(params, shardings)
     vae_cfg = vae_params = None
     if "vae" in meta and (model_dir / "vae_params").is_dir():
       vae_cfg = VAEConfig.from_dict(meta["vae"])
@@ -183,9 +207,8 @@ class Sampler:
     ids, mask = left_pad(rows, self.cfg.pad_token_id, opts.buckets)
     self._check_length(ids.shape[1], gh * gw)
     check_grids_fit(self.cfg, [(gh, gw)], f"sample at most {self.cfg.base_image_grid_size} tokens per side")
-    shift = default_shift if opts.shift is None else opts.shift
     spec = Spec(num_images=num_images, branches=branches, prompt_len=ids.shape[1], grid_h=gh, grid_w=gw,
-                flow=flow.FlowConfig(opts.method, opts.steps, shift).validate(),
+                flow=opts.flow_config(default_shift),
                 src_tokens=0 if src_rows is None else src_rows.shape[1], noise_repeat=noise_repeat,
                 use_norm=opts.use_norm, cfg_schedule=opts.cfg_schedule, decode=opts.decode and self.vae_cfg is not None,
                 injected_noise=noise_draws is not None, progress=opts.progress,

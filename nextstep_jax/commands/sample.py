@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--quantize", default=None, choices=("int8",), help="int8 decoder kernels (stored by convert "
                  "--quantize int8, else quantized on load)")
   p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
+  p.add_argument("--progress", action="store_true", help="per-token progress bar (its host callback keeps JAX "
+                 "from writing the program to the compilation cache)")
   p.add_argument("--no-norm", action="store_true", help="disable use_norm token re-normalisation")
   p.add_argument("--positive-prompt", default=None, help="appended to text-to-image captions (default: official)")
   p.add_argument("--negative-prompt", default=None)
@@ -65,6 +67,8 @@ def run(args) -> int:
   from nextstep_jax.images import load_image, save_png
   from nextstep_jax.sampling.pipeline import T2I_POSITIVE, Options, Sampler
 
+  if not args.no_compile_cache:  # before anything compiles: JAX reads the setting at its first compilation
+    compile_cache.enable()
   h, w = _size(args.size)
   mesh = sharding.mesh_from_shape(tuple(int(x) for x in args.mesh.split(","))) if args.mesh else None
   print(f"loading {args.checkpoint} …", file=sys.stderr, flush=True)
@@ -75,9 +79,7 @@ def run(args) -> int:
                  steps=args.steps, shift=args.shift, method=args.sampler, use_norm=not args.no_norm,
                  positive_prompt=T2I_POSITIVE if args.positive_prompt is None else args.positive_prompt,
                  negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images, seed=args.seed,
-                 progress=True, step_schedule=schedule, **windows).validate()
-  if not args.no_compile_cache:
-    compile_cache.enable()
+                 progress=args.progress, step_schedule=schedule, **windows).validate()
   sampler = Sampler.from_checkpoint(args.checkpoint, mesh=mesh, compute_dtype=args.dtype, quantize=args.quantize)
   if args.image is None and any("<image>" in p for p in args.prompt):
     raise ValueError("the prompt contains <image> (editing) but no --image was given; pass --image in.png")

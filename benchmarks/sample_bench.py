@@ -3,18 +3,22 @@
 Bench config (the one the PyTorch original was timed with on this machine kind): backbone hidden 768,
 intermediate 2048, 12 layers, 12/4 heads (head_dim 64), vocab 1000, q/k/v bias; head width 256 × 4 blocks;
 16 latent channels, patch 2; 256×256 → 256 image tokens; 40-token caption; cfg 7.5 (2 branches); 20 steps;
-shift 1.0; use_norm; fp32; random weights.
+shift 1.0; use_norm; fp32; random weights. The prompt rows are built by the sampler's own prompt code
+(`NextStepTokenizer.t2i_cfg_rows` with a byte tokenizer: caption + `<|image_area|>16*16<|begin_of_image|>`).
 
-  python benchmarks/sample_bench.py [--images 1 4] [--repeats 3] [--skip-naive] [--skip-vae]
+  python benchmarks/sample_bench.py [--images 1 4] [--repeats 3] [--skip-naive] [--skip-vae] [--int8]
 
 Prints image tokens/s (VAE decode excluded), compile time, the per-token backbone/head split, the naive-loop
-ratio, and the real Flux-size VAE decode time at 256². Alternate/median timings: CPU speed drifts (JAX_NOTES §2).
+ratio, and the real Flux-size VAE decode time at 256². `--int8` instead times fp32 and int8 decoder kernels
+(`models/quant.py`) alternately, `--repeats` rounds each. Alternate/median timings: CPU speed drifts (JAX_NOTES §2).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
@@ -25,17 +29,25 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nextstep_jax.config import ModelConfig, VAEConfig, flux_vae  # noqa: E402
-from nextstep_jax.models.nextstep import NextStep, init_fn, split_for_decode  # noqa: E402
+from nextstep_jax.models import quant  # noqa: E402
+from nextstep_jax.models.nextstep import NextStep, init_fn  # noqa: E402
 from nextstep_jax.models.qwen2 import init_cache  # noqa: E402
-from nextstep_jax.sampling import flow  # noqa: E402
+from nextstep_jax.sampling import decode_layout, flow  # noqa: E402
+from nextstep_jax.sampling.decode_layout import split_for_decode  # noqa: E402
 from nextstep_jax.sampling.generate import Spec, compiled_program  # noqa: E402
+from nextstep_jax.tokens import (BOI_TOKEN, BYTE_EOS_TOKEN, EOI_TOKEN, IMAGE_AREA_TOKEN,  # noqa: E402
+                                 IMAGE_PLACEHOLDER_TOKEN, PAD_TOKEN, NextStepTokenizer, byte_tokenizer_ids, left_pad,
+                                 make_byte_tokenizer)
 
+_IDS = byte_tokenizer_ids()
 BENCH = dict(vocab_size=1000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4,
              head_dim=64, attention_bias=True, fm_head_dim=256, fm_head_layers=4, latent_channels=16,
-             latent_patch_size=2, eos_token_id=900, pad_token_id=901, image_area_id=902, boi_id=903, eoi_id=904,
-             image_placeholder_id=905)
+             latent_patch_size=2, eos_token_id=_IDS[BYTE_EOS_TOKEN], pad_token_id=_IDS[PAD_TOKEN],
+             image_area_id=_IDS[IMAGE_AREA_TOKEN], boi_id=_IDS[BOI_TOKEN], eoi_id=_IDS[EOI_TOKEN],
+             image_placeholder_id=_IDS[IMAGE_PLACEHOLDER_TOKEN])
 GRID = 16  # 256 px / (8 · 2)
 CAPTION, STEPS, CFG = 40, 20, 7.5
+CAPTION_TEXT, NEGATIVE_TEXT = "a photo of a red cube on a wooden table.", "lowres, bad anatomy, blurry, jpeg noise."
 
 
 def _setup():
@@ -47,44 +59,69 @@ def _setup():
   return cfg, params
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer() -> NextStepTokenizer:
+  return NextStepTokenizer(make_byte_tokenizer(tempfile.mkdtemp()))
+
+
 def _prompt(images: int):
-  rng = np.random.default_rng(0)
-  rows = 2 * images
-  ids = rng.integers(0, 256, (rows, CAPTION + 6)).astype(np.int32)
-  ids[:, -6:] = [902, 49, 54, 42, 49, 903]  # <|image_area|>16*16<|begin_of_image|>
-  return jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32)
+  """CFG rows from the sampler's prompt code: [caption + generation prefix] × images, [negative + prefix] × images."""
+  tok = _tokenizer()
+  assert len(CAPTION_TEXT) == len(NEGATIVE_TEXT) == CAPTION
+  rows = tok.t2i_cfg_rows([CAPTION_TEXT] * images, GRID, GRID, 1, None, NEGATIVE_TEXT)
+  ids, mask = left_pad(rows, BENCH["pad_token_id"], (max(len(r) for r in rows),))
+  return jnp.asarray(ids), jnp.asarray(mask)
 
 
-def fused(cfg, params, images: int, repeats: int, unstack: bool = True):
-  """The Sampler's program (layers and head blocks as separate buffers unless `unstack` is False: scanned stacks)."""
+def _program(cfg, params, images: int, unstack: bool = True):
+  """(compile seconds, compiled Sampler program, its arguments); layers and head blocks as separate buffers unless
+  `unstack` is False (scanned stacks)."""
   params = split_for_decode(params) if unstack else params
-  spec = Spec(num_images=images, branches=2, prompt_len=CAPTION + 6, grid_h=GRID, grid_w=GRID,
-              flow=flow.FlowConfig("sde_a", STEPS, 1.0), noise_repeat=images, decode=False)
   ids, mask = _prompt(images)
+  spec = Spec(num_images=images, branches=2, prompt_len=ids.shape[1], grid_h=GRID, grid_w=GRID,
+              flow=flow.FlowConfig("sde_a", STEPS, 1.0), noise_repeat=images, decode=False)
   args = (params, None, ids, mask, None, jnp.float32(CFG), jnp.float32(1.0), jax.random.key(0), None)
   t0 = time.perf_counter()
   compiled = compiled_program(cfg, None, spec).lower(*args).compile()
-  compile_s = time.perf_counter() - t0
+  return time.perf_counter() - t0, compiled, args
+
+
+def fused(cfg, params, images: int, repeats: int, unstack: bool = True):
+  compile_s, compiled, args = _program(cfg, params, images, unstack)
   _, run_s, out = timed(compiled, *args, repeats=repeats)
   assert np.isfinite(np.asarray(out["tokens"])).all()
   return compile_s, run_s
 
 
+def int8_vs_fp32(cfg, params, images: int, repeats: int):
+  """Alternating rounds of the fp32 and the int8-kernel program: (median fp32 s, median int8 s, token diff)."""
+  runs = {"fp32": _program(cfg, params, images), "int8": _program(cfg, quant.quantize_params(params), images)}
+  outs = {name: jax.block_until_ready(c(*a)) for name, (_, c, a) in runs.items()}
+  times = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, (_, compiled, args) in runs.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      times[name].append(time.perf_counter() - t0)
+  diff = float(np.abs(np.asarray(outs["int8"]["tokens"]) - np.asarray(outs["fp32"]["tokens"])).mean())
+  return statistics.median(times["fp32"]), statistics.median(times["int8"]), diff
+
+
 def split(cfg, params, images: int, repeats: int):
   """Per-token cost of the LM step alone and the head sampler alone (each in its own fori_loop program)."""
   model, rows, n = NextStep(cfg), 2 * images, GRID * GRID
-  s_len = CAPTION + 6 + n
+  s_len = _prompt(images)[0].shape[1] + n
   key_valid = jnp.ones((rows, s_len), bool)
 
   decode_params = split_for_decode(params)
 
   @jax.jit
   def lm_only(dp, emb):
-    cache = init_cache(cfg, rows, s_len, jnp.float32, per_layer=True)
+    cache = decode_layout.init_cache(cfg, rows, s_len, jnp.float32, per_layer=True)
     base = {"params": dp["params"]}
     def body(k, carry):
       cache, e = carry
-      h, cache = model.apply(base, e, key_valid, None, cache, k, dp["unstacked_layers"], method=NextStep.hidden)
+      h, cache = decode_layout.hidden(model, base, dp["unstacked_layers"], e, key_valid, cache, k)
       return cache, e + 1e-6 * h
     return jax.lax.fori_loop(0, n, body, (cache, emb))[1]
 
@@ -159,11 +196,21 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--skip-naive", action="store_true")
   ap.add_argument("--skip-vae", action="store_true")
+  ap.add_argument("--int8", action="store_true", help="only time int8 vs fp32 decoder kernels, alternating")
   args = ap.parse_args()
   cfg, params = _setup()
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"bench model: {n_params / 1e6:.1f}M parameters (fp32), {GRID * GRID} image tokens, {STEPS} flow steps, "
-        f"CFG 2 branches; devices: {jax.devices()[0].device_kind} ×{jax.device_count()}")
+        f"CFG 2 branches, prompt {_prompt(1)[0].shape[1]} tokens (official layout: caption {CAPTION} + "
+        f"'<|image_area|>{GRID}*{GRID}<|begin_of_image|>'); devices: {jax.devices()[0].device_kind} "
+        f"×{jax.device_count()}")
+  if args.int8:
+    for images in args.images:
+      f32, i8, diff = int8_vs_fp32(cfg, params, images, args.repeats)
+      tok = images * GRID * GRID
+      print(f"{images} image(s): fp32 {tok / f32:6.1f} image tokens/s, int8 {tok / i8:6.1f} image tokens/s "
+            f"({f32 / i8:.2f}×; medians of {args.repeats} alternating rounds); mean |Δtoken| {diff:.3f}", flush=True)
+    return
   for images in args.images:
     compile_s, run_s = fused(cfg, params, images, args.repeats)
     _, scan_s = fused(cfg, params, images, args.repeats, unstack=False)

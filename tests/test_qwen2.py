@@ -13,6 +13,7 @@ from nextstep_jax import params_io
 from nextstep_jax.convert.qwen import convert_qwen, export_qwen
 from nextstep_jax.convert.table import ConversionError
 from nextstep_jax.models.qwen2 import Qwen2ForCausalLM, init_cache
+from nextstep_jax.sampling import decode_layout
 
 
 def _convert(tmp_path, name, **kw):
@@ -69,7 +70,7 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
   err = np.abs(dec - full)[np.asarray(mask).astype(bool)].max()
   print(f"KV-cache vs full forward max abs error: {err:.2e}")
   assert err <= 1e-5
-  per_layer = init_cache(cfg, 2, cache_len, jnp.float32, per_layer=True)  # belongs to the unrolled layers
+  per_layer = decode_layout.init_cache(cfg, 2, cache_len, jnp.float32, per_layer=True)  # the unrolled layers'
   with pytest.raises(ValueError, match="per-layer KV caches"):
     model.apply(params, ids[:, :5], key_valid, per_layer, 0, method=model.decode)
 

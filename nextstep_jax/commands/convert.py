@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
   n = kinds.add_parser("nextstep", help="NextStep-1 release directory (config.json, model*.safetensors, vae/, "
                                         "tokenizer) → one model directory that sample and train load")
   _io_args(n)
+  n.add_argument("--quantize", default=None, choices=("int8",),
+                 help="store the decoder's dense kernels as int8 with per-output-channel scales (sampling only)")
+  n.add_argument("--quantize-head", action="store_true", help="with --quantize: the flow head's kernels too")
   n.set_defaults(func=_nextstep)
 
   ne = kinds.add_parser("export-nextstep", help="model directory → NextStep-1 release layout")
@@ -77,9 +80,14 @@ def _export_vae(args) -> int:
 
 def _nextstep(args) -> int:
   from nextstep_jax.convert.nextstep import convert_nextstep
+  if args.quantize_head and not args.quantize:
+    raise ValueError("--quantize-head needs --quantize int8")
   cfg = convert_nextstep(args.src, args.dst, args.dtype, overwrite=args.overwrite)
+  if args.quantize:
+    from nextstep_jax.convert.quantized import quantize_model_dir
+    quantize_model_dir(args.dst, args.quantize, args.quantize_head)
   print(f"converted {args.src} → {args.dst} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-        f"head {cfg.fm_head_dim}×{cfg.fm_head_layers})")
+        f"head {cfg.fm_head_dim}×{cfg.fm_head_layers}{', int8 kernels' if args.quantize else ''})")
   return 0
 
 

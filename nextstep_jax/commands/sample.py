@@ -17,8 +17,17 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--cfg-schedule", default="constant", choices=("constant", "linear", "linear_rise"))
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--shift", type=float, default=None, help="timestep shift (default 1.0; 3.2 for editing)")
-  p.add_argument("--sampler", default="sde_a", choices=("sde_a", "sde_b", "euler", "heun"),
-                 help="sde_a = the official release sampler")
+  p.add_argument("--sampler", default="sde_a", choices=("sde_a", "sde_b", "euler", "heun", "dpm_2m"),
+                 help="sde_a = the official release sampler; dpm_2m = DPM-Solver++(2M) on its log-SNR grid")
+  p.add_argument("--step-schedule", default=None, help="per-token flow steps over equal token segments, e.g. "
+                 "50,25,10 (each ≤ --steps)")
+  p.add_argument("--guidance-times", default=None, help="LO,HI: CFG only at flow times in [LO, HI] (e.g. 0,0.6)")
+  p.add_argument("--guidance-tokens", default=None, help="LO,HI: CFG only for tokens k/n in [LO, HI)")
+  p.add_argument("--quantize", default=None, choices=("int8",), help="int8 decoder kernels (stored by convert "
+                 "--quantize int8, else quantized on load)")
+  p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
+  p.add_argument("--progress", action="store_true", help="per-token progress bar (its host callback keeps JAX "
+                 "from writing the program to the compilation cache)")
   p.add_argument("--no-norm", action="store_true", help="disable use_norm token re-normalisation")
   p.add_argument("--positive-prompt", default=None, help="appended to text-to-image captions (default: official)")
   p.add_argument("--negative-prompt", default=None)
@@ -38,22 +47,40 @@ def _size(text: str) -> tuple[int, int]:
   return h, w
 
 
+def _floats(flag: str, text: str | None, n: int | None, kind=float):
+  if text is None:
+    return None
+  try:
+    values = tuple(kind(x) for x in text.split(","))
+  except ValueError:
+    raise ValueError(f"{flag} {text!r} must be comma-separated numbers, e.g. {'50,25,10' if kind is int else '0,0.6'}"
+                     ) from None
+  if n is not None and len(values) != n:
+    raise ValueError(f"{flag} {text!r} needs exactly {n} comma-separated values (LO,HI)")
+  return values
+
+
 def run(args) -> int:
   from pathlib import Path
 
-  from nextstep_jax import sharding
+  from nextstep_jax import compile_cache, sharding
   from nextstep_jax.images import load_image, save_png
   from nextstep_jax.sampling.pipeline import T2I_POSITIVE, Options, Sampler
 
+  if not args.no_compile_cache:  # before anything compiles: JAX reads the setting at its first compilation
+    compile_cache.enable()
   h, w = _size(args.size)
   mesh = sharding.mesh_from_shape(tuple(int(x) for x in args.mesh.split(","))) if args.mesh else None
   print(f"loading {args.checkpoint} …", file=sys.stderr, flush=True)
-  sampler = Sampler.from_checkpoint(args.checkpoint, mesh=mesh, compute_dtype=args.dtype)
+  schedule = _floats("--step-schedule", args.step_schedule, None, int) or ()
+  windows = {name: _floats(f"--{name.replace('_', '-')}", getattr(args, name), 2) or (0.0, 1.0)
+             for name in ("guidance_times", "guidance_tokens")}
   opts = Options(height=h, width=w, cfg=args.cfg, cfg_img=args.cfg_img, cfg_schedule=args.cfg_schedule,
                  steps=args.steps, shift=args.shift, method=args.sampler, use_norm=not args.no_norm,
                  positive_prompt=T2I_POSITIVE if args.positive_prompt is None else args.positive_prompt,
                  negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images, seed=args.seed,
-                 progress=True)
+                 progress=args.progress, step_schedule=schedule, **windows).validate()
+  sampler = Sampler.from_checkpoint(args.checkpoint, mesh=mesh, compute_dtype=args.dtype, quantize=args.quantize)
   if args.image is None and any("<image>" in p for p in args.prompt):
     raise ValueError("the prompt contains <image> (editing) but no --image was given; pass --image in.png")
   if args.image is not None:

@@ -8,6 +8,7 @@ import numpy as np
 
 from nextstep_jax import params_io
 from nextstep_jax.config import ModelConfig
+from nextstep_jax.convert import quantized
 from nextstep_jax.convert.safetensors_io import SafetensorsReader, SafetensorsWriter
 from nextstep_jax.convert.table import Rule, check, export_tensors, import_leaves, parse_dtype
 
@@ -36,7 +37,8 @@ def export_checkpoint(model_dir: Path, dst: Path, rules_fn: Callable[[ModelConfi
   dtype = dtype or ST_DTYPES.get(meta.get("source", {}).get("dtype", ""), None)
   np_dtype = parse_dtype(dtype)
   writer = SafetensorsWriter(dst, max_shard_bytes)
-  for key, tensor in export_tensors(rules_fn(cfg), lambda p: params_io.load_leaf(model_dir / "params", p), np_dtype):
+  load = quantized.leaf_loader(model_dir / "params")  # int8 directories export float kernels
+  for key, tensor in export_tensors(rules_fn(cfg), load, np_dtype):
     writer.add(key, tensor)
   for key, tensor in (extra(cfg, meta, np_dtype) if extra else ()):
     writer.add(key, tensor)

@@ -125,7 +125,8 @@ class FlowHead(nn.Module):
   Sampling evaluates the head at a fixed grid of S flow times per image token, so it splits the call:
   `modulations(t_S, c, blocks)` once per token (every adaLN matmul over all S·N rows: the weights are read once,
   not S times), then `from_modulations(x_t, mods_at_time, blocks)` per flow step. `blocks` are the per-block
-  param trees of `split_blocks` (a loop that slices stacked weights makes XLA:CPU copy them every step)."""
+  param trees of `sampling.decode_layout.split_head_blocks` (a loop that slices stacked weights makes XLA:CPU
+  copy them every step)."""
   cfg: ModelConfig
 
   def setup(self):
@@ -169,10 +170,3 @@ class FlowHead(nn.Module):
       x = block.apply({"params": p}, x, m, method=ResBlock.step)
     return self.final_layer.step(x, final).astype(jnp.float32)
 
-
-def split_blocks(head_params: dict) -> tuple[dict, tuple[dict, ...]]:
-  """FlowHead params → (params without `res_blocks`, tuple of per-block param trees)."""
-  rest = dict(head_params)
-  stacked = rest.pop("res_blocks")
-  n = jax.tree.leaves(stacked)[0].shape[0]
-  return rest, tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))

@@ -22,10 +22,10 @@ import numpy as np
 
 from nextstep_jax import sharding
 from nextstep_jax.config import ModelConfig
-from nextstep_jax.models.fm_head import FlowHead, split_blocks
+from nextstep_jax.models.fm_head import FlowHead
 from nextstep_jax.models.image_grid import batch_grid, input_noise_scale, pos_index
 from nextstep_jax.models.layers import dense, to_dtype
-from nextstep_jax.models.qwen2 import Qwen2ForCausalLM, split_layers
+from nextstep_jax.models.qwen2 import Qwen2ForCausalLM
 
 IGNORE = -100
 
@@ -100,9 +100,8 @@ class NextStep(Qwen2ForCausalLM):
     """`velocity` at one flow time given that time's slice of `head_modulations`."""
     return self.image_head.from_modulations(x_NxK, mods, head_blocks)
 
-  def hidden(self, embeds_BxLxD, key_valid_BxS, positions_BxL=None, cache=None, cache_index=0,
-             unstacked_layers=None):
-    return self.backbone(embeds_BxLxD, key_valid_BxS, positions_BxL, cache, cache_index, unstacked_layers)
+  def hidden(self, embeds_BxLxD, key_valid_BxS, positions_BxL=None, cache=None, cache_index=0):
+    return self.backbone(embeds_BxLxD, key_valid_BxS, positions_BxL, cache, cache_index)
 
   def __call__(self, ids_BxL, image_tokens_BxTxK=None, attention_mask_BxL=None, positions_BxL=None):
     """Full forward (also used for init): returns (fp32 logits (B, L, V), final-normed hidden (B, L, D)).
@@ -209,24 +208,6 @@ def combine_losses(cfg: ModelConfig, terms: dict[str, jax.Array], counts: dict[s
   ce = per_count(terms["ce_sum"], counts["ce_count"])
   fm = per_fm_row(terms["fm_sum"], counts["fm_count"])
   return {"loss": cfg.lm_loss_weight * ce + cfg.im_loss_weight * fm, "text_loss": ce, "image_loss": fm}
-
-
-DECODE_KEYS = ("unstacked_layers", "unstacked_head_blocks")
-
-
-def split_for_decode(params: dict) -> dict:
-  """Token-loop layout (run once, outside jit): decoder layers and head res-blocks as separate per-layer buffers
-  under "unstacked_layers" / "unstacked_head_blocks"; the rest stays under "params". A `lax` loop that slices
-  stacked weights makes XLA:CPU copy them every step (measured: the head's slices cost as much as its math)."""
-  out, blocks = split_head_blocks(split_layers(params))
-  return dict(out, unstacked_head_blocks=blocks)
-
-
-def split_head_blocks(params: dict) -> tuple[dict, tuple[dict, ...]]:
-  """{"params": {..., "image_head": {..., "res_blocks": stacked}}} → (the same without `res_blocks`, per-block
-  param trees) — outside jit: separate buffers; inside jit: sliced once per program, outside the token loop."""
-  head, blocks = split_blocks(params["params"]["image_head"])
-  return dict(params, params=dict(params["params"], image_head=head)), blocks
 
 
 def init_fn(cfg: ModelConfig, nextstep: bool = True):

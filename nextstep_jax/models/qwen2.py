@@ -23,7 +23,7 @@ from nextstep_jax.config import ModelConfig
 from nextstep_jax.models import attention
 from nextstep_jax.models.layers import RMSNorm, apply_rope, dense, logical, rope_cos_sin, to_dtype
 
-KVCache = dict  # {"k": (Ly, B, G, S, K), "v": …} stacked, or {"k": Ly-tuple of (B, G, S, K), "v": …} per layer
+KVCache = dict  # {"k": (Ly, B, G, S, K), "v": …} stacked (sampling/decode_layout.py: a Ly-tuple per layer)
 # (heads before positions: the layout the attention dots read, so no per-step transpose of the cache)
 
 _INIT = nn.initializers.normal(0.02)
@@ -108,15 +108,10 @@ def scanned_layers(cfg: ModelConfig) -> type[nn.Module]:
                  metadata_params={nn.PARTITION_NAME: "layers"})
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None, per_layer: bool = False) -> KVCache:
-  """Zeroed static KV cache: k, v of shape (layers, batch, kv_heads, max_len, head_dim), or with `per_layer`
-  a tuple of `layers` separate (batch, kv_heads, max_len, head_dim) buffers (the unrolled decode path: each
-  step then updates one position of each buffer in place instead of rewriting a stacked array per layer)."""
-  shape = (batch, cfg.num_kv_heads, max_len, cfg.resolved_head_dim)
-  dtype = to_dtype(dtype or cfg.dtype)
-  if per_layer:
-    return {name: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for name in ("k", "v")}
-  return {name: jnp.zeros((cfg.num_layers, *shape), dtype) for name in ("k", "v")}
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+  """Zeroed static KV cache: k, v of shape (layers, batch, kv_heads, max_len, head_dim)."""
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.resolved_head_dim)
+  return {name: jnp.zeros(shape, to_dtype(dtype or cfg.dtype)) for name in ("k", "v")}
 
 
 CACHE_NAMES = ("layers", "act_batch", "act_kv_heads", "act_len", "act_head_dim")
@@ -140,16 +135,12 @@ class Qwen2Backbone(nn.Module):
   def attend_embedding(self, h_BxLxD: jax.Array) -> jax.Array:
     return self.embed_tokens.attend(h_BxLxD)
 
-  def __call__(self, embeds_BxLxD: jax.Array, key_valid_BxS: jax.Array, positions_BxL: jax.Array | None = None,
-               cache: KVCache | None = None, cache_index: jax.Array | int = 0, unstacked_layers=None):
-    """Runs the layers. Returns (final-normed hidden (B, L, D), updated cache or None).
+  def prepare(self, embeds_BxLxD: jax.Array, key_valid_BxS: jax.Array, positions_BxL: jax.Array | None = None,
+              cache: KVCache | None = None, cache_index: jax.Array | int = 0):
+    """What every decoder layer reads: (x (B, L, D), rope cos, sin, mask (B, L, S), cache index (int32)).
 
     key_valid_BxS: True for real (non-pad) keys; S = L without a cache, S = cache length with one.
-    cache_index: where this chunk starts in the cache (scalar); queries sit at cache_index + [0, L).
-    unstacked_layers: per-layer param trees (`split_layers`); the layers then run as an unrolled Python loop
-      over separate weight buffers instead of the scan (decode on CPU/GPU: a scan slices the stacked weights,
-      which XLA:CPU copies — 1.6× slower per token in our measurements).
-    """
+    cache_index: where this chunk starts in the cache (scalar); queries sit at cache_index + [0, L)."""
     cfg = self.cfg
     b, l, _ = embeds_BxLxD.shape
     q_idx = cache_index + jnp.arange(l)
@@ -161,42 +152,20 @@ class Qwen2Backbone(nn.Module):
       positions_BxL = jnp.broadcast_to(q_idx[None], (b, l))
     cos, sin = rope_cos_sin(positions_BxL, cfg.resolved_head_dim, cfg.rope_theta)
     x = sharding.constrain(embeds_BxLxD.astype(to_dtype(cfg.dtype)), ("act_batch", "act_len", "act_embed"))
+    return x, cos, sin, mask, jnp.asarray(cache_index, jnp.int32)
+
+  def __call__(self, embeds_BxLxD: jax.Array, key_valid_BxS: jax.Array, positions_BxL: jax.Array | None = None,
+               cache: KVCache | None = None, cache_index: jax.Array | int = 0):
+    """Runs the scanned layers (`prepare` documents the arguments). Returns (final-normed hidden (B, L, D),
+    updated stacked cache or None). The per-layer decode layout lives in `sampling/decode_layout.py`."""
+    x, cos, sin, mask, index = self.prepare(embeds_BxLxD, key_valid_BxS, positions_BxL, cache, cache_index)
     if cache is not None:
-      per_layer = isinstance(cache["k"], tuple)
-      if per_layer != (unstacked_layers is not None):
-        raise ValueError("per-layer KV caches (init_cache(..., per_layer=True)) go with unstacked_layers "
-                         "(split_layers), stacked caches with the scanned layers; got one without the other")
-      names = CACHE_NAMES[1:] if per_layer else CACHE_NAMES
-      cache = jax.tree.map(lambda c: sharding.constrain(c, names), cache)
-    index = jnp.asarray(cache_index, jnp.int32)
-    if unstacked_layers is None:
-      x, new_cache = self.layers(x, cos, sin, mask, index, cache)
-    else:
-      x, new_cache = _run_unrolled(cfg, unstacked_layers, x, cos, sin, mask, index, cache)
+      if isinstance(cache["k"], tuple):
+        raise ValueError("per-layer KV caches (decode_layout.init_cache(..., per_layer=True)) go with the "
+                         "unrolled layers of sampling/decode_layout.hidden; the scanned layers take a stacked cache")
+      cache = jax.tree.map(lambda c: sharding.constrain(c, CACHE_NAMES), cache)
+    x, new_cache = self.layers(x, cos, sin, mask, index, cache)
     return self.norm(x), new_cache
-
-
-def split_layers(params: dict) -> dict:
-  """{"params": {..., "backbone": {"layers": stacked}}} → the same without `layers`, plus
-  "unstacked_layers": a tuple of per-layer trees (separate buffers). Run once, outside jit."""
-  backbone = dict(params["params"]["backbone"])
-  stacked = backbone.pop("layers")
-  n = jax.tree.leaves(stacked)[0].shape[0]
-  layers = tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n))
-  return {"params": dict(params["params"], backbone=backbone), "unstacked_layers": layers}
-
-
-def _run_unrolled(cfg, layers, x, cos, sin, mask, index, cache):
-  """Python loop over per-layer params and (optionally) per-layer KV-cache buffers."""
-  layer = DecoderLayer(cfg, parent=None)  # a free-standing module, applied functionally per layer
-  new = {"k": [], "v": []}
-  for i, p in enumerate(layers):
-    kv = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
-    x, kv = layer.apply({"params": p}, x, cos, sin, mask, index, kv)
-    if cache is not None:
-      new["k"].append(kv["k"])
-      new["v"].append(kv["v"])
-  return x, None if cache is None else {name: tuple(c) for name, c in new.items()}
 
 
 class Qwen2ForCausalLM(nn.Module):

@@ -22,8 +22,9 @@ import numpy as np
 
 from nextstep_jax import params_io, sharding
 from nextstep_jax.config import ModelConfig, VAEConfig
+from nextstep_jax.models import quant
 from nextstep_jax.models.image_grid import check_grids_fit
-from nextstep_jax.sampling import flow
+from nextstep_jax.sampling import decode_layout, flow
 from nextstep_jax.sampling.generate import Spec, compiled_program
 
 T2I_POSITIVE = "masterpiece, film grained, best quality."
@@ -42,7 +43,10 @@ class Options:
   cfg_schedule: str = "constant"
   steps: int = 50
   shift: float | None = None  # None: 1.0 for text-to-image, 3.2 for editing
-  method: str = "sde_a"
+  method: str = "sde_a"  # flow.METHODS
+  step_schedule: tuple[int, ...] = ()  # per-token flow steps over equal token segments, e.g. (50, 25, 10); ≤ steps
+  guidance_times: tuple[float, float] = (0.0, 1.0)  # CFG only at flow times in [lo, hi] (cond branch alone elsewhere)
+  guidance_tokens: tuple[float, float] = (0.0, 1.0)  # CFG only for tokens k/n in [lo, hi)
   use_norm: bool = True
   positive_prompt: str | None = T2I_POSITIVE  # text-to-image only
   negative_prompt: str | None = None  # None: the official default of the mode
@@ -55,6 +59,7 @@ class Options:
   buckets: tuple[int, ...] = DEFAULT_BUCKETS
   decode: bool = True
   progress: bool = False  # tqdm bar over image tokens (one host callback per token)
+  return_debug: bool | None = None  # conditions, raw head outputs in Result.extras; None: when draws are injected
 
   def validate(self) -> "Options":
     if self.cfg < 1 or self.cfg_img < 1:
@@ -62,7 +67,14 @@ class Options:
     if self.num_images_per_prompt < 1:
       raise ValueError("num_images_per_prompt must be ≥ 1")
     flow.guidance_scale(jnp.float32(1), self.cfg_schedule, 0, 1)  # raises on an unknown schedule
+    self.flow_config(1.0)
     return self
+
+  def flow_config(self, default_shift: float) -> flow.FlowConfig:
+    """The flow part of these options (validated)."""
+    return flow.FlowConfig(self.method, self.steps, default_shift if self.shift is None else self.shift,
+                           step_schedule=tuple(self.step_schedule), guidance_times=tuple(self.guidance_times),
+                           guidance_tokens=tuple(self.guidance_tokens)).validate()
 
 
 @dataclasses.dataclass
@@ -81,29 +93,42 @@ class Sampler:
                tokenizer: Any = None, mesh: jax.sharding.Mesh | None = None, param_shardings: Any = None,
                unstack_layers: bool | None = None):
     """`unstack_layers` (default: everywhere but TPU) keeps each decoder layer's and head block's weights in
-    separate buffers for the token loop (`nextstep.split_for_decode`); the stacked copy given is not kept."""
-    from nextstep_jax.models.nextstep import split_for_decode
+    separate buffers for the token loop (`decode_layout.split_for_decode`); the stacked copy given is not kept."""
     platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
     if (platform != "tpu" if unstack_layers is None else unstack_layers) and "unstacked_layers" not in params:
-      params = split_for_decode(params)
+      params = decode_layout.split_for_decode(params)
     self.cfg, self.params, self.vae_cfg, self.vae_params = cfg, params, vae_cfg, vae_params
     self.tokenizer, self.mesh, self.param_shardings = tokenizer, mesh, param_shardings
     self._compiled: dict[tuple, Any] = {}
+    self._progress = _TokenRelay()  # the programs' per-token hook (closed over by every program of this sampler)
     self.compile_count = 0
 
   @classmethod
   def from_checkpoint(cls, model_dir: str | Path, mesh: jax.sharding.Mesh | None = None,
-                      compute_dtype: str | None = None) -> "Sampler":
-    """Loads a model directory (`nextstep_config.json`, `params/`, `vae_params/`, `tokenizer/`)."""
+                      compute_dtype: str | None = None, quantize: str | None = None) -> "Sampler":
+    """Loads a model directory (`nextstep_config.json`, `params/`, `vae_params/`, `tokenizer/`). `quantize="int8"`
+    samples with int8 dense kernels (`models/quant.py`): those stored by `convert --quantize int8`, else the float
+    weights quantized on load."""
     from nextstep_jax.models.nextstep import abstract_params
     model_dir = Path(model_dir)
     meta = params_io.read_model_config(model_dir)
     cfg = ModelConfig.from_dict(dict(meta["model"], **({"dtype": compute_dtype} if compute_dtype else {})))
+    if quantize is not None and quantize not in quant.MODES:
+      raise ValueError(f"quantize={quantize!r} is not one of {quant.MODES}; pass --quantize int8 or leave it out")
+    stored = meta.get("quantization")
     abstract, names = abstract_params(cfg)
+    float_names = names
+    if stored:
+      abstract, names = quant.quantized_abstract(abstract, names, stored.get("include_head", False))
     mesh = mesh or sharding.mesh_from_shape((1, 1, 1), jax.devices()[:1])
     shardings = sharding.tree_shardings(names, abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     params = params_io.load_params(model_dir / "params", target)
+    if quantize and not stored:
+      params = quant.quantize_params(params)
+      q_abstract, names = quant.quantized_abstract(abstract, float_names)
+      shardings = sharding.tree_shardings(names, q_abstract, mesh)
+      params = jax.device_put(params, shardings)
     vae_cfg = vae_params = None
     if "vae" in meta and (model_dir / "vae_params").is_dir():
       vae_cfg = VAEConfig.from_dict(meta["vae"])
@@ -130,7 +155,7 @@ class Sampler:
   # ------------------------------------------------------------------------------------------- modes
 
   def text_to_image(self, prompts: str | Sequence[str], opts: Options = Options(),
-                    noise_draws: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> Result:
+                    noise_draws: np.ndarray | None = None) -> Result:
     opts = opts.validate()
     tok = self._need_tokenizer()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -140,7 +165,8 @@ class Sampler:
                             T2I_NEGATIVE if opts.negative_prompt is None else opts.negative_prompt, cfg=use_cfg)
     num_images = len(prompts) * opts.num_images_per_prompt
     noise_repeat = num_images if opts.independent_noise else opts.num_images_per_prompt
-    return self._run(rows, None, 2 if use_cfg else 1, num_images, gh, gw, opts, 1.0, noise_repeat, noise_draws)
+    return self._run(rows, src_rows=None, branches=2 if use_cfg else 1, num_images=num_images, grid=(gh, gw),
+                     opts=opts, default_shift=1.0, noise_repeat=noise_repeat, noise_draws=noise_draws)
 
   def edit(self, caption: str, image_uint8: np.ndarray | None, opts: Options = Options(),
            noise_draws: np.ndarray | None = None) -> Result:
@@ -164,7 +190,8 @@ class Sampler:
     src_rows = np.zeros((len(rows), src.shape[1], src.shape[2]), np.float32)
     with_image = n_img * (2 if branches == 3 else 1)  # cond (+ image-uncond) rows carry the source image
     src_rows[:with_image] = np.asarray(src[0])
-    return self._run(rows, src_rows, branches, n_img, gh, gw, opts, 3.2, n_img, noise_draws)
+    return self._run(rows, src_rows=src_rows, branches=branches, num_images=n_img, grid=(gh, gw), opts=opts,
+                     default_shift=3.2, noise_repeat=n_img, noise_draws=noise_draws)
 
   # ------------------------------------------------------------------------------------------- program
 
@@ -173,18 +200,19 @@ class Sampler:
       raise ValueError("this checkpoint has no tokenizer/ directory; copy the tokenizer files into it")
     return self.tokenizer
 
-  def _run(self, rows, src_rows, branches, num_images, gh, gw, opts: Options, default_shift: float,
-           noise_repeat: int, noise_draws) -> Result:
+  def _run(self, rows, *, src_rows, branches: int, num_images: int, grid: tuple[int, int], opts: Options,
+           default_shift: float, noise_repeat: int, noise_draws) -> Result:
     from nextstep_jax.tokens import left_pad
+    gh, gw = grid
     ids, mask = left_pad(rows, self.cfg.pad_token_id, opts.buckets)
     self._check_length(ids.shape[1], gh * gw)
     check_grids_fit(self.cfg, [(gh, gw)], f"sample at most {self.cfg.base_image_grid_size} tokens per side")
-    shift = default_shift if opts.shift is None else opts.shift
     spec = Spec(num_images=num_images, branches=branches, prompt_len=ids.shape[1], grid_h=gh, grid_w=gw,
-                flow=flow.FlowConfig(opts.method, opts.steps, shift).validate(),
+                flow=opts.flow_config(default_shift),
                 src_tokens=0 if src_rows is None else src_rows.shape[1], noise_repeat=noise_repeat,
                 use_norm=opts.use_norm, cfg_schedule=opts.cfg_schedule, decode=opts.decode and self.vae_cfg is not None,
-                debug=noise_draws is not None, progress=opts.progress)
+                injected_noise=noise_draws is not None, progress=opts.progress,
+                return_debug=noise_draws is not None if opts.return_debug is None else opts.return_debug)
     args = self._place(ids, mask, src_rows)
     key = jax.random.key(opts.seed)
     draws = None if noise_draws is None else jnp.asarray(noise_draws, jnp.float32)
@@ -193,10 +221,11 @@ class Sampler:
     with sharding.use_mesh(self.mesh):
       if spec not in self._compiled:
         t0 = time.perf_counter()
-        self._compiled[spec] = compiled_program(self.cfg, self.vae_cfg, spec).lower(*call_args).compile()
+        program = compiled_program(self.cfg, self.vae_cfg, spec, self._progress if spec.progress else None)
+        self._compiled[spec] = program.lower(*call_args).compile()
         compile_s = time.perf_counter() - t0
         self.compile_count += 1
-      with _progress_bar(spec) as _:
+      with _progress_bar(spec, self._progress):
         t0 = time.perf_counter()
         out = jax.block_until_ready(self._compiled[spec](*call_args))
         run_s = time.perf_counter() - t0
@@ -220,23 +249,32 @@ class Sampler:
     return placed
 
 
-class _progress_bar:
-  """Installs a tqdm bar as the generation program's per-token hook (when the spec asks for progress)."""
+class _TokenRelay:
+  """The host hook a sampler's programs call per token; forwards to whatever `_progress_bar` installed."""
 
-  def __init__(self, spec: Spec):
-    self.spec, self.bar = spec, None
+  def __init__(self):
+    self.target: Callable[[int], None] | None = None
+
+  def __call__(self, k: int) -> None:
+    if self.target is not None:
+      self.target(k)
+
+
+class _progress_bar:
+  """Points the sampler's token relay at a tqdm bar for one call (when the spec asks for progress)."""
+
+  def __init__(self, spec: Spec, relay: _TokenRelay):
+    self.spec, self.relay, self.bar = spec, relay, None
 
   def __enter__(self):
     if self.spec.progress:
       from tqdm import tqdm
-      from nextstep_jax.sampling import generate
       self.bar = tqdm(total=self.spec.num_tokens, desc="image tokens", unit="tok")
-      generate._PROGRESS_HOOK[0] = lambda k: self.bar.update(1)
+      self.relay.target = lambda k: self.bar.update(1)
     return self
 
   def __exit__(self, *exc):
     if self.bar is not None:
-      from nextstep_jax.sampling import generate
-      generate._PROGRESS_HOOK[0] = None
+      self.relay.target = None
       self.bar.update(self.bar.total - self.bar.n)
       self.bar.close()

@@ -90,7 +90,7 @@ KEY_DATA_SHAPE = tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key
 def state_shardings(cfg: ModelConfig, spec: SlotSpec, mesh) -> SlotState:
   """NamedShardings of the state on `mesh` (the rule table: rows and slots over data/fsdp, KV heads over tensor)."""
   from nextstep_jax import sharding
-  shapes = jax.eval_shape(init_state, cfg, spec)
+  shapes = jax.eval_shape(functools.partial(init_state, cfg, spec))
   names = _names(spec)
   flat_shapes, treedef = jax.tree.flatten(shapes)
   flat_names = []

@@ -55,6 +55,8 @@ def run(args) -> int:
   for name in ("slots", "max_queue", "max_n"):
     if getattr(args, name) < 1:
       raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be ≥ 1")
+  if args.max_n > args.max_queue:
+    raise ValueError(f"--max-n {args.max_n} exceeds --max-queue {args.max_queue}: such requests could never queue")
   if not 0 < args.port < 65536:
     raise ValueError(f"--port {args.port} must be in 1..65535")
   if not Path(args.checkpoint).is_dir():

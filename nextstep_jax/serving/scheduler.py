@@ -57,18 +57,19 @@ class Scheduler:
     self._thread.start()
     return self
 
-  def submit(self, mode: str, prepared: Prepared) -> Job:
+  def submit(self, mode: str, prepared: list[Prepared]) -> list[Job]:
+    """Queues a request's images together, or none of them (QueueFull / ShuttingDown)."""
     with self._cv:
       if not self._accepting or self.error is not None:
         raise ShuttingDown("the server is shutting down")
-      if len(self._queue) >= self.max_queue:
+      if len(self._queue) + len(prepared) > self.max_queue:
         slots = sum(e.config.slots for e in self.engines.values())
         raise QueueFull(max(1, round(self.image_seconds * (1 + len(self._queue) / slots))))
-      job = Job(mode, prepared)
-      self._queue.append(job)
+      jobs = [Job(mode, p) for p in prepared]
+      self._queue.extend(jobs)
       self._cv.notify()
     self._gauges()
-    return job
+    return jobs
 
   def cancel(self, job: Job) -> None:
     """Frees the job's slot (or queue place) at the next token boundary."""

@@ -82,6 +82,8 @@ def build_app(scheduler: Scheduler, limits: Limits, request_timeout_s: float, me
   async def edits(request: HttpRequest):
     if "edit" not in engines:
       return error(400, "this server does not serve edits (start it with --edit-slots N)")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+      return error(400, "edits must be sent as multipart/form-data (an image file and form fields)")
     try:
       form = await request.form(max_part_size=MAX_UPLOAD_BYTES)
     except Exception as e:  # malformed multipart
@@ -109,17 +111,11 @@ def build_app(scheduler: Scheduler, limits: Limits, request_timeout_s: float, me
       preps = [engine.prepare(r) for r in parse(body, limits, image)]
     except ValueError as e:  # BadRequest and the engine's own checks (prompt too long, ...)
       return error(400, str(e))
-    jobs = []
     try:
-      for p in preps:
-        jobs.append(scheduler.submit(mode, p))
+      jobs = scheduler.submit(mode, preps)
     except QueueFull as e:
-      for j in jobs:
-        scheduler.cancel(j)
       return error(429, str(e), "rate_limit_error", {"Retry-After": str(e.retry_after)})
     except ShuttingDown as e:
-      for j in jobs:
-        scheduler.cancel(j)
       return error(503, str(e), "server_error")
     futures = [asyncio.wrap_future(j.future) for j in jobs]
     waiter = asyncio.ensure_future(asyncio.gather(*futures))

@@ -29,7 +29,7 @@ from nextstep_jax.config import ModelConfig, VAEConfig
 from nextstep_jax.tpu_topology import PodType, pod_type, topology_devices
 from nextstep_jax.train import flops as flops_lib
 
-PROGRAMS = ("train", "sample")
+PROGRAMS = ("train", "sample", "serve")
 MFU_LEVELS = (0.4, 0.5, 0.6)
 EXIT_ERROR = 2
 EXIT_DOES_NOT_FIT = 3
@@ -135,7 +135,7 @@ def compile_for_pod(config, pod: str, num_slices: int = 1, program: str = "train
     raise AotError(str(e)) from None
   cfg = ModelConfig.from_dict(config.model)
   mesh = build_mesh(config, devices, num_slices)
-  lower = _lower_train if program == "train" else _lower_sample
+  lower = {"train": _lower_train, "sample": _lower_sample, "serve": _lower_serve}[program]
   t0 = time.perf_counter()
   with sharding.use_mesh(mesh):
     lowered, shape, fl, notes = lower(config, cfg, mesh, sample)
@@ -308,6 +308,12 @@ def _lower_sample(config, cfg: ModelConfig, mesh, sample: SampleSettings):
   notes = ["token-by-token decode is memory-bandwidth bound: MFU-based call times are optimistic; VAE decode "
            "FLOPs are not counted"]
   return lowered, shape, fl, notes
+
+
+def _lower_serve(config, cfg: ModelConfig, mesh, sample: SampleSettings):
+  """The serving engine's step (serving/aot.py): `sample.images` slots (0 = the data-parallel size)."""
+  from nextstep_jax.serving.aot import lower_step
+  return lower_step(config, cfg, mesh, sample)
 
 
 def sample_flops(cfg: ModelConfig, rows: int, prompt_len: int, n_tokens: int, steps: int) -> flops_lib.StepFlops:

@@ -257,19 +257,25 @@ def _lower_train(config, cfg: ModelConfig, mesh, sample: SampleSettings):
   return lowered, shape, fl, notes
 
 
-def _lower_sample(config, cfg: ModelConfig, mesh, sample: SampleSettings):
-  from nextstep_jax.models.flux_vae import FluxVAE, image_multiple
+def sample_geometry(config, cfg: ModelConfig, sample: SampleSettings):
+  """(VAE config, resolution, token grid (h, w), flow config) of the sampling/serving program to compile."""
   from nextstep_jax.models.latents import token_grid
-  from nextstep_jax.models.nextstep import abstract_params
   from nextstep_jax.sampling import flow
-  from nextstep_jax.sampling.generate import Spec, compiled_program
   vae_cfg = VAEConfig.from_dict(config.vae)
   res = sample.resolution or int(config.data.resolution)
   try:
-    gh, gw = token_grid(res, res, vae_cfg.downsample_factor, cfg.latent_patch_size)
+    grid = token_grid(res, res, vae_cfg.downsample_factor, cfg.latent_patch_size)
     flow_cfg = flow.FlowConfig("sde_a", sample.steps, 3.2 if sample.edit else 1.0).validate()
   except ValueError as e:
     raise AotError(f"sampler settings: {e}") from None
+  return vae_cfg, res, grid, flow_cfg
+
+
+def _lower_sample(config, cfg: ModelConfig, mesh, sample: SampleSettings):
+  from nextstep_jax.models.flux_vae import FluxVAE, image_multiple
+  from nextstep_jax.models.nextstep import abstract_params
+  from nextstep_jax.sampling.generate import Spec, compiled_program
+  vae_cfg, res, (gh, gw), flow_cfg = sample_geometry(config, cfg, sample)
   n_tok = gh * gw
   src = n_tok if sample.edit else 0
   prompt = sample.prompt_len + src

@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
   g.add_argument("--sample-prompt-len", type=int, default=256, help="prompt length bucket")
   g.add_argument("--sample-resolution", type=int, default=0, help="image side in pixels (default: config.data.resolution)")
   g.add_argument("--sample-edit", action="store_true", help="editing program (3 CFG branches + a source image)")
+  g.add_argument("--serve-verify", action="store_true", help="serve: also compile the slot count that fits")
   p.add_argument("--debug", action="store_true", help="raise errors with tracebacks instead of one line")
   p.set_defaults(func=run)
 
@@ -42,7 +43,7 @@ def run(args) -> int:
     config = load_config(args.config, args.config_overrides)
     if args.program == "serve" and not args.sample_batch:
       from nextstep_jax.serving.aot import slots_that_fit
-      fit = slots_that_fit(config, args.topology, settings)
+      fit = slots_that_fit(config, args.topology, settings, verify=args.serve_verify)
       print(json.dumps(dict(header, ok=True, **vars(fit))) if args.json else fit.line())
       return 0
     result = aot.compile_for_pod(config, args.topology, args.num_slices, args.program, settings)

@@ -17,24 +17,16 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nextstep_jax import sharding
-from nextstep_jax.config import ModelConfig, VAEConfig
+from nextstep_jax.config import ModelConfig
 
 
 def lower_step(config, cfg: ModelConfig, mesh, sample):
   """(lowered step, shape dict, analytic FLOPs per step, notes) — the `aot` program table's contract."""
   from nextstep_jax import aot
-  from nextstep_jax.models.latents import token_grid
   from nextstep_jax.models.nextstep import NextStep, abstract_params
-  from nextstep_jax.sampling import flow
   from nextstep_jax.serving import programs as P
   from nextstep_jax.train import flops as flops_lib
-  vae_cfg = VAEConfig.from_dict(config.vae)
-  res = sample.resolution or int(config.data.resolution)
-  try:
-    gh, gw = token_grid(res, res, vae_cfg.downsample_factor, cfg.latent_patch_size)
-    flow_cfg = flow.FlowConfig("sde_a", sample.steps, 3.2 if sample.edit else 1.0).validate()
-  except ValueError as e:
-    raise aot.AotError(f"serve settings: {e}") from None
+  _, res, (gh, gw), flow_cfg = aot.sample_geometry(config, cfg, sample)
   n = gh * gw
   src = n if sample.edit else 0
   slots = sample.images or mesh.shape["data"]
@@ -81,7 +73,7 @@ class SlotsFit:
 
 
 def slots_that_fit(config, pod: str, sample, probe_slots: tuple[int, int] | None = None,
-                   verify: bool = True) -> SlotsFit:
+                   verify: bool = False) -> SlotsFit:
   """Compiles the step at two slot counts on `pod`, extrapolates the per-chip peak linearly and (`verify`)
   compiles the extrapolated slot count (compile_for_pod raises DoesNotFit if it does not fit)."""
   from nextstep_jax import aot

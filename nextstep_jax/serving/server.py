@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from nextstep_jax.serving.payloads import BadRequest, Limits, parse
+from nextstep_jax.serving.payloads import Limits, parse
 from nextstep_jax.serving.scheduler import QueueFull, Scheduler, ShuttingDown
 
 MAX_UPLOAD_BYTES = 20 * 2**20

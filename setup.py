@@ -23,9 +23,13 @@ setup(
         "pillow",
         "tqdm",
         "tensorboardX",
+        "fastapi",  # `nextstep-jax serve`
+        "uvicorn",
+        "python-multipart",
+        "prometheus_client",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "openai", "httpx"],
         "tpu": ["jax[tpu]"],
     },
     entry_points={"console_scripts": ["nextstep-jax=nextstep_jax.cli:main"]},

@@ -14,6 +14,7 @@ Needs libtpu (`pip install -e '.[tpu]'`); run with JAX_PLATFORMS=cpu on a machin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -29,9 +30,10 @@ from nextstep_jax.config import ModelConfig, VAEConfig
 from nextstep_jax.data.pipeline import batch_shapes, batch_shardings
 from nextstep_jax.models.flux_vae import FluxVAE, image_multiple
 from nextstep_jax.models.latents import token_grid
-from nextstep_jax.models.nextstep import abstract_params
+from nextstep_jax.models.nextstep import NextStep, abstract_params
 from nextstep_jax.sampling import flow
 from nextstep_jax.sampling.generate import Spec, compiled_program
+from nextstep_jax.serving import programs as slot_programs
 from nextstep_jax.tpu_topology import PodType, pod_type, topology_devices
 from nextstep_jax.train import flops as flops_lib
 from nextstep_jax.train.config import TrainConfig
@@ -40,7 +42,7 @@ from nextstep_jax.train.optimizer import make_optimizer
 from nextstep_jax.train.registry import get_objective
 from nextstep_jax.train.state import state_shardings
 
-PROGRAMS = ("train", "sample")
+PROGRAMS = ("train", "sample", "serve")
 MFU_LEVELS = (0.4, 0.5, 0.6)
 EXIT_ERROR = 2
 EXIT_DOES_NOT_FIT = 3
@@ -146,7 +148,7 @@ def compile_for_pod(config, pod: str, num_slices: int = 1, program: str = "train
     raise AotError(str(e)) from None
   cfg = ModelConfig.from_dict(config.model)
   mesh = build_mesh(config, devices, num_slices)
-  lower = _lower_train if program == "train" else _lower_sample
+  lower = {"train": _lower_train, "sample": _lower_sample, "serve": _lower_serve}[program]
   t0 = time.perf_counter()
   with sharding.use_mesh(mesh):
     lowered, shape, fl, notes = lower(config, cfg, mesh, sample)
@@ -236,14 +238,20 @@ def _lower_train(config, cfg: ModelConfig, mesh, sample: SampleSettings):
   return lowered, shape, fl, notes
 
 
-def _lower_sample(config, cfg: ModelConfig, mesh, sample: SampleSettings):
+def sample_geometry(config, cfg: ModelConfig, sample: SampleSettings):
+  """(VAE config, resolution, token grid (h, w), flow config) of the sampling/serving program to compile."""
   vae_cfg = VAEConfig.from_dict(config.vae)
   res = sample.resolution or int(config.data.resolution)
   try:
-    gh, gw = token_grid(res, res, vae_cfg.downsample_factor, cfg.latent_patch_size)
+    grid = token_grid(res, res, vae_cfg.downsample_factor, cfg.latent_patch_size)
     flow_cfg = flow.FlowConfig("sde_a", sample.steps, 3.2 if sample.edit else 1.0).validate()
   except ValueError as e:
     raise AotError(f"sampler settings: {e}") from None
+  return vae_cfg, res, grid, flow_cfg
+
+
+def _lower_sample(config, cfg: ModelConfig, mesh, sample: SampleSettings):
+  vae_cfg, res, (gh, gw), flow_cfg = sample_geometry(config, cfg, sample)
   n_tok = gh * gw
   src = n_tok if sample.edit else 0
   prompt = sample.prompt_len + src
@@ -281,6 +289,38 @@ def _lower_sample(config, cfg: ModelConfig, mesh, sample: SampleSettings):
                image_tokens=n_tok, flow_steps=sample.steps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
   notes = ["token-by-token decode is memory-bandwidth bound: MFU-based call times are optimistic; VAE decode "
            "FLOPs are not counted"]
+  return lowered, shape, fl, notes
+
+
+def _lower_serve(config, cfg: ModelConfig, mesh, sample):
+  """The serving engine's step (serving/programs.py) for `sample.images` slots (0 = the data-parallel size)."""
+  _, res, (gh, gw), flow_cfg = sample_geometry(config, cfg, sample)
+  n = gh * gw
+  src = n if sample.edit else 0
+  slots = sample.images or mesh.shape["data"]
+  spec = slot_programs.SlotSpec(slots=slots, branches=3 if sample.edit else 2, grid_h=gh, grid_w=gw,
+                    cache_len=sample.prompt_len + src + n, flow=flow_cfg, src_tokens=src, per_layer=False)
+  abstract, names = abstract_params(cfg)
+  params = sharding.sharded_abstract_params(abstract, names, mesh)
+  state_sh = slot_programs.state_shardings(cfg, spec, mesh)
+  state = sharding.abstract_sharded(jax.eval_shape(functools.partial(slot_programs.init_state, cfg, spec)), state_sh)
+  active = jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=NamedSharding(mesh, P()))
+  step = jax.jit(functools.partial(slot_programs.step, NextStep(cfg), spec), donate_argnums=(1,), out_shardings=state_sh)
+  try:
+    lowered = step.lower(params, state, active)
+  except Exception as e:
+    raise AotError(f"tracing the serving step failed: {one_line(e)}") from None
+  rows = spec.rows
+  attn = 4.0 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * spec.cache_len
+  head = 2.0 * cfg.hidden_size**2 + sample.steps * flops_lib.head_forward_flops_per_row(cfg)
+  fl = flops_lib.StepFlops(backbone=rows * (flops_lib.backbone_forward_flops_per_token(cfg, 0) + attn),
+                           head=rows * head)
+  kv_bytes = 2 * cfg.num_layers * rows * cfg.num_kv_heads * spec.cache_len * cfg.resolved_head_dim * jnp.dtype(
+      cfg.dtype).itemsize
+  shape = dict(slots=slots, cfg_branches=spec.branches, rows=rows, resolution=res, image_tokens=n,
+               cache_len=spec.cache_len, flow_steps=sample.steps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+               kv_cache_gib_total=round(kv_bytes / GIB, 3))
+  notes = ["one call = one image token for every slot; an image takes image_tokens calls"]
   return lowered, shape, fl, notes
 
 

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("convert", "vae", "sample", "train", "data", "demo", "aot", "eval")
+COMMANDS = ("convert", "vae", "sample", "serve", "train", "data", "demo", "aot", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""`nextstep-jax aot --config C --topology v5p-256 [--num-slices N] [--program train|sample] [--json]`.
+"""`nextstep-jax aot --config C --topology v5p-256 [--num-slices N] [--program train|sample|serve] [--json]`.
 
 Compiles the real train step (or generation program) of config C for a TPU pod on this machine and reports
 per-chip peak memory vs usable HBM, the fit verdict, compile time, analytic FLOPs and step times at 40/50/60% MFU.
@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--config", required=True, help="experiment file, e.g. configs/nextstep1_14b/stage1_256px.py")
   p.add_argument("--topology", required=True, help="pod type, e.g. v5p-128, v5p-256, v5e-256, v6e-256, v4-64")
   p.add_argument("--num-slices", type=int, default=1, help="multislice: slices joined over DCN (set config.mesh.dcn_*)")
-  p.add_argument("--program", choices=("train", "sample"), default="train",
-                 help="train: the train step; sample: prefill + token loop + VAE decode")
+  p.add_argument("--program", choices=("train", "sample", "serve"), default="train",
+                 help="train: the train step; sample: prefill + token loop + VAE decode; serve: the serving "
+                 "engine's step (without --sample-batch: how many slots fit in HBM)")
   p.add_argument("--json", action="store_true", help="print one JSON object (also for errors)")
   g = p.add_argument_group("sample program")
   g.add_argument("--sample-batch", type=int, default=0, help="images per call (default: one per data-parallel group)")
@@ -26,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
   g.add_argument("--sample-prompt-len", type=int, default=256, help="prompt length bucket")
   g.add_argument("--sample-resolution", type=int, default=0, help="image side in pixels (default: config.data.resolution)")
   g.add_argument("--sample-edit", action="store_true", help="editing program (3 CFG branches + a source image)")
+  g.add_argument("--serve-verify", action="store_true", help="serve: also compile the slot count that fits")
   p.add_argument("--debug", action="store_true", help="raise errors with tracebacks instead of one line")
   p.set_defaults(func=run)
 
@@ -39,6 +41,11 @@ def run(args) -> int:
   header = dict(config=args.config, pod=args.topology, num_slices=args.num_slices, program=args.program)
   try:
     config = load_config(args.config, args.config_overrides)
+    if args.program == "serve" and not args.sample_batch:
+      from nextstep_jax.serving.aot import slots_that_fit
+      fit = slots_that_fit(config, args.topology, settings, verify=args.serve_verify)
+      print(json.dumps(dict(header, ok=True, **vars(fit))) if args.json else fit.line())
+      return 0
     result = aot.compile_for_pod(config, args.topology, args.num_slices, args.program, settings)
   except Exception as e:
     if args.debug:

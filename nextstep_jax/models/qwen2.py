@@ -58,15 +58,22 @@ class Attention(nn.Module):
     q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
     new_kv = None
     if kv is not None:
-      write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
-          buf, jnp.swapaxes(new, 1, 2).astype(buf.dtype), cache_index, axis=2)
-      new_kv = {"k": write(kv["k"], k), "v": write(kv["v"], v)}
+      new_kv = {"k": write_cache(kv["k"], k, cache_index), "v": write_cache(kv["v"], v, cache_index)}
       k, v = (jnp.swapaxes(new_kv[n], 1, 2).astype(q.dtype) for n in ("k", "v"))
     out = attention.attend(q, k, v, mask_BxLxS, cfg.attention_impl)
     out = checkpoint_name(sharding.constrain(out, ("act_batch", "act_len", "act_heads", "act_head_dim")), "attn_out")
     o = _dense(cfg, cfg.hidden_size, ("q_heads", "head_dim"), ("embed",), "o_proj", use_bias=cfg.o_bias,
                axis=(-2, -1))(out)
     return o, new_kv
+
+
+def write_cache(buf_BxGxSxK: jax.Array, new_BxLxGxK: jax.Array, cache_index: jax.Array) -> jax.Array:
+  """Writes L new positions at `cache_index`: a scalar (every row) or one index per row (B,) (serving slots)."""
+  new = jnp.swapaxes(new_BxLxGxK, 1, 2).astype(buf_BxGxSxK.dtype)
+  if jnp.ndim(cache_index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(buf_BxGxSxK, new, cache_index, axis=2)
+  return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=1))(buf_BxGxSxK, new,
+                                                                                         cache_index)
 
 
 class MLP(nn.Module):
@@ -140,16 +147,17 @@ class Qwen2Backbone(nn.Module):
     """What every decoder layer reads: (x (B, L, D), rope cos, sin, mask (B, L, S), cache index (int32)).
 
     key_valid_BxS: True for real (non-pad) keys; S = L without a cache, S = cache length with one.
-    cache_index: where this chunk starts in the cache (scalar); queries sit at cache_index + [0, L)."""
+    cache_index: where this chunk starts in the cache, a scalar or one index per row (B,) (serving: every slot
+      at its own token); queries sit at cache_index + [0, L)."""
     cfg = self.cfg
     b, l, _ = embeds_BxLxD.shape
-    q_idx = cache_index + jnp.arange(l)
+    q_idx = jnp.asarray(cache_index)[..., None] + jnp.arange(l)  # (L,), or (B, L) for per-row cache indices
     s = l if cache is None else cache["k"][0].shape[-2]
     if key_valid_BxS.shape != (b, s):
       raise ValueError(f"key_valid has shape {key_valid_BxS.shape}, expected {(b, s)} (batch, keys)")
-    mask = (jnp.arange(s)[None, :] <= q_idx[:, None])[None] & key_valid_BxS[:, None, :].astype(bool)
+    mask = (jnp.arange(s) <= q_idx[..., None]) & key_valid_BxS[:, None, :].astype(bool)
     if positions_BxL is None:
-      positions_BxL = jnp.broadcast_to(q_idx[None], (b, l))
+      positions_BxL = jnp.broadcast_to(q_idx, (b, l))
     cos, sin = rope_cos_sin(positions_BxL, cfg.resolved_head_dim, cfg.rope_theta)
     x = sharding.constrain(embeds_BxLxD.astype(to_dtype(cfg.dtype)), ("act_batch", "act_len", "act_embed"))
     return x, cos, sin, mask, jnp.asarray(cache_index, jnp.int32)

@@ -1,0 +1,1 @@
+"""Continuous-batching generation engine and its OpenAI-compatible HTTP server."""

@@ -1,6 +1,8 @@
 """Multi-host training on one machine: 2 processes × 4 CPU devices (`jax.distributed` + gloo collectives) through
 the real CLI must reproduce a single process with 8 devices — losses and exported params — including the
-multi-process Orbax checkpoint saves and the process-0 export."""
+multi-process Orbax checkpoint saves and the process-0 export. The layout is the 14B one (fsdp = all devices:
+params sharded, not replicated) and training starts from random non-zero weights (`init_from`): the zero init's
+zero head gradients would hide a wrong cross-process reduction of those gradients at step 1."""
 import os
 import socket
 import subprocess
@@ -14,6 +16,7 @@ from flax import traverse_util
 from conftest import cpu_xla_flags
 from nextstep_jax import params_io
 from nextstep_jax.train.metrics import read_history
+from train_utils import TINY, random_params
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY1 = os.path.join(ROOT, "configs", "tiny", "stage1_256px.py")
@@ -30,9 +33,13 @@ def _env(devices: int) -> dict:
 
 
 def _train_cmd(workdir, *extra) -> list[str]:
+  init = os.path.join(os.path.dirname(str(workdir)), "random_init")
+  if not os.path.isdir(os.path.join(init, "params")):
+    params_io.save_params(os.path.join(init, "params"), random_params(TINY))
   return [sys.executable, "-m", "nextstep_jax.cli", "train", "--config", TINY1, "--workdir", str(workdir),
           f"--config.train.steps={STEPS}", "--config.train.synthetic_data=True", "--config.train.log_every=1",
-          "--config.train.save_every=2", "--config.mesh.data=-1", *extra]
+          "--config.train.save_every=2", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+          f"--config.train.init_from={init}", *extra]
 
 
 def _free_port() -> int:
@@ -78,6 +85,7 @@ def test_two_processes_match_one_process(tmp_path):
 
   # the two processes really formed one 8-device job (not two independent 4-device runs)
   assert "jax.distributed: process 0 of 2, 8 global devices" in outputs[0], outputs[0][-2000:]
+  assert "initialised from" in outputs[0], outputs[0][-2000:]  # the random non-zero weights, not the zero init
 
   hist_1, hist_2 = read_history(single), read_history(multi)
   assert [h["step"] for h in hist_1] == [h["step"] for h in hist_2] == list(range(1, STEPS + 1))

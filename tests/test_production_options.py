@@ -116,3 +116,24 @@ def test_image_area_id_read_from_the_tokenizer(tmp_path):
   ids = out.extras["prompt_ids"][0]
   assert list(ids[-5:]) == [268, ord("4"), ord("*"), ord("4"), cfg.boi_id]
   assert pad + 1 not in ids
+
+
+def test_encode_on_the_fly_gives_the_official_latent_tokens(model_dir):
+  """The trainer's encode-on-the-fly program (pixel_values → VAE → patchified tokens, `train.loop._PixelEncoder`)
+  on the production VAE (scale 0.3611 / shift 0.1159) reproduces the official latents' tokens; the pipeline's
+  uint8 → [−1, 1] conversion is the official ToTensor + Normalize(0.5, 0.5)."""
+  import ml_collections
+  from nextstep_jax.images import to_float
+  from nextstep_jax.models.latents import patchify
+  from nextstep_jax.train.loop import _PixelEncoder
+  f = dict(np.load(PROD / "vae_scaled.npz"))
+  config = ml_collections.ConfigDict({"train": {"vae_from": str(model_dir)}, "model": {"latent_patch_size": 2}})
+  mesh = sharding.mesh_from_shape((1, 1, 1), jax.devices()[:1])
+  enc = _PixelEncoder(config, mesh)
+  pixels = np.transpose(f["image"], (0, 2, 3, 1))
+  with sharding.use_mesh(mesh):
+    got = enc({"pixel_values": jax.numpy.asarray(pixels), "input_ids": jax.numpy.zeros((2, 4), jax.numpy.int32)})
+  want = np.asarray(patchify(jax.numpy.asarray(np.transpose(f["latents"], (0, 2, 3, 1))), 2))
+  assert float(np.abs(np.asarray(got["image_tokens"]) - want).max()) <= 1e-4 and "pixel_values" not in got
+  u = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+  np.testing.assert_allclose(to_float(u), (u / 255.0 - 0.5) / 0.5, atol=1e-6)

@@ -101,7 +101,10 @@ def test_two_processes_match_one_process(tmp_path):
   for k in p1:
     a, b = np.asarray(p1[k], np.float64), np.asarray(p2[k], np.float64)
     err = np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-12)
-    assert err <= RTOL and np.abs(b - a).max() <= 1e-6, f"{'/'.join(k)}: relative error {err:.2e}"
+    # k_proj's bias has an exactly zero true gradient (softmax-invariant): from non-zero weights Adam scales its
+    # round-off to updates of a few 1e-6 (measured 2.7e-6), so its absolute bound is looser
+    atol = 1e-5 if k[-2:] == ("k_proj", "bias") else 1e-6
+    assert err <= RTOL and np.abs(b - a).max() <= atol, f"{'/'.join(k)}: relative error {err:.2e}"
 
   # every process wrote its checkpoints (state shards + its own data-iterator position) for steps 2 and 3
   for step in (2, 3):

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from nextstep_jax import params_io, sharding
 from nextstep_jax.checkpoint import Checkpointer
@@ -75,11 +76,16 @@ def load_init_params(path: str, cfg: ModelConfig, mesh) -> Any:
   from etils import epath
   from nextstep_jax.models.nextstep import abstract_params
   root = epath.Path(path)
-  if (root / "params").exists():
-    return params_io.load_params(root / "params")
+  abstract, names = abstract_params(cfg)
+  shardings = sharding.tree_shardings(names, abstract, mesh)
+  if (root / "params").exists():  # restored straight onto the mesh (every process reads its shards); an export
+    # may hold a subset of the model (a Qwen LM for stage 1): its own leaves, on the model's shardings
+    flat = traverse_util.flatten_dict(shardings)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    target = {k: jax.ShapeDtypeStruct(s, d, sharding=flat.get(k, rep))
+              for k, (s, d) in params_io.param_metadata(root / "params").items()}
+    return params_io.load_params(root / "params", traverse_util.unflatten_dict(target))
   if (root / "checkpoints").exists():
-    abstract, names = abstract_params(cfg)
-    shardings = sharding.tree_shardings(names, abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     ckpt = Checkpointer(path, save_every=1)
     try:

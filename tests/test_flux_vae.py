@@ -117,8 +117,9 @@ def test_fixture_parity(converted, fixture_arrays):
       "posterior_mean": (enc["mean"], nhwc(a["posterior_mean"])),
       "latents": (z, nhwc(a["latents"])),
       "tokens": (latents.patchify(z, 2), a["tokens"]),
-      "decode_output": (flux_vae.decode_latents(params, cfg, jnp.asarray(nhwc(a["decode_input"]))),
-                        nhwc(a["decode_output"])),
+      # decode_output is the official raw decoder (no scale/shift undone): compare with ours raw
+      "decode_output": (flux_vae.FluxVAE(cfg).apply(params, jnp.asarray(nhwc(a["decode_input"])),
+                                                    method=flux_vae.FluxVAE.decode), nhwc(a["decode_output"])),
       "recon_output": (flux_vae.decode_latents(params, cfg, z), nhwc(a["recon_output"])),
   }
   errs = {k: float(np.abs(np.asarray(ours) - want).max()) for k, (ours, want) in got.items()}
@@ -156,3 +157,16 @@ def test_params_carry_logical_names():
   assert flat[("encoder", "down_0", "block_0", "conv1", "kernel")].names == ("conv_h", "conv_w", "conv_in", "conv_out")
   assert flat[("decoder", "mid", "attn_1", "norm", "scale")].names == ("norm",)
   assert ("decoder", "up_1", "upsample", "conv", "kernel") in flat
+
+
+def test_scaled_vae_parity(tmp_path):
+  """The production fixture's VAE (scale 0.3611, shift 0.1159): a latent-factor bug cannot hide behind 1 / 0."""
+  prod = os.path.join(os.path.dirname(__file__), "fixtures", "production")
+  cfg = convert_vae_mod.convert_vae(os.path.join(prod, "vae", "model.safetensors"), tmp_path)
+  params = convert_vae_mod.load_vae(tmp_path)[1]
+  assert (cfg.scaling_factor, cfg.shift_factor) == (0.3611, 0.1159)
+  a = dict(np.load(os.path.join(prod, "vae_scaled.npz")))
+  z = flux_vae.encode_latents(params, cfg, jnp.asarray(nhwc(a["image"])))
+  np.testing.assert_allclose(z, nhwc(a["latents"]), atol=TOL)
+  np.testing.assert_allclose(flux_vae.decode_latents(params, cfg, jnp.asarray(nhwc(a["lm_latents"]))),
+                             nhwc(a["lm_decode_output"]), atol=TOL)

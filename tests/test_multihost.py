@@ -1,6 +1,8 @@
 """Multi-host training on one machine: 2 processes × 4 CPU devices (`jax.distributed` + gloo collectives) through
 the real CLI must reproduce a single process with 8 devices — losses and exported params — including the
-multi-process Orbax checkpoint saves and the process-0 export."""
+multi-process Orbax checkpoint saves and the process-0 export. The layout is the 14B one (fsdp = all devices:
+params sharded, not replicated) and training starts from random non-zero weights (`init_from`): the zero init's
+zero head gradients would hide a wrong cross-process reduction of those gradients at step 1."""
 import os
 import socket
 import subprocess
@@ -14,6 +16,7 @@ from flax import traverse_util
 from conftest import ROOT, subprocess_env
 from nextstep_jax import params_io
 from nextstep_jax.train.metrics import read_history
+from train_utils import TINY, random_params
 
 TINY1 = os.path.join(ROOT, "configs", "tiny", "stage1_256px.py")
 STEPS = 3
@@ -26,9 +29,13 @@ def _env(devices: int) -> dict:
 
 
 def _train_cmd(workdir, *extra) -> list[str]:
+  init = os.path.join(os.path.dirname(str(workdir)), "random_init")
+  if not os.path.isdir(os.path.join(init, "params")):
+    params_io.save_params(os.path.join(init, "params"), random_params(TINY))
   return [sys.executable, "-m", "nextstep_jax.cli", "train", "--config", TINY1, "--workdir", str(workdir),
           f"--config.train.steps={STEPS}", "--config.train.synthetic_data=True", "--config.train.log_every=1",
-          "--config.train.save_every=2", "--config.mesh.data=-1", *extra]
+          "--config.train.save_every=2", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+          f"--config.train.init_from={init}", *extra]
 
 
 def _free_port() -> int:
@@ -74,6 +81,7 @@ def test_two_processes_match_one_process(tmp_path):
 
   # the two processes really formed one 8-device job (not two independent 4-device runs)
   assert "jax.distributed: process 0 of 2, 8 global devices" in outputs[0], outputs[0][-2000:]
+  assert "initialised from" in outputs[0], outputs[0][-2000:]  # the random non-zero weights, not the zero init
 
   hist_1, hist_2 = read_history(single), read_history(multi)
   assert [h["step"] for h in hist_1] == [h["step"] for h in hist_2] == list(range(1, STEPS + 1))
@@ -89,7 +97,10 @@ def test_two_processes_match_one_process(tmp_path):
   for k in p1:
     a, b = np.asarray(p1[k], np.float64), np.asarray(p2[k], np.float64)
     err = np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-12)
-    assert err <= RTOL and np.abs(b - a).max() <= 1e-6, f"{'/'.join(k)}: relative error {err:.2e}"
+    # k_proj's bias has an exactly zero true gradient (softmax-invariant): from non-zero weights Adam scales its
+    # round-off to updates of a few 1e-6 (measured 2.7e-6), so its absolute bound is looser
+    atol = 1e-5 if k[-2:] == ("k_proj", "bias") else 1e-6
+    assert err <= RTOL and np.abs(b - a).max() <= atol, f"{'/'.join(k)}: relative error {err:.2e}"
 
   # every process wrote its checkpoints (state shards + its own data-iterator position) for steps 2 and 3
   for step in (2, 3):

@@ -61,11 +61,17 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, rng: ja
 def load_init_params(path: str, cfg: ModelConfig, mesh) -> Any:
   """Params of a previous stage: an export dir (params/) or a training workdir (its latest checkpoint)."""
   root = epath.Path(path)
-  if (root / "params").exists():
-    return params_io.load_params(root / "params")
+  abstract, names = abstract_params(cfg)
+  shardings = sharding.tree_shardings(names, abstract, mesh)
+  if (root / "params").exists():  # restored straight onto the mesh (every process reads its shards); an export
+    # may hold a subset of the model (a Qwen LM for stage 1): its own leaves, on the model's shardings
+    flat = flax.traverse_util.flatten_dict(shardings)
+    rep = NamedSharding(mesh, P())
+    target = {k: jax.ShapeDtypeStruct(s, d, sharding=flat.get(k, rep))
+              for k, (s, d) in params_io.param_metadata(root / "params").items()}
+    return params_io.load_params(root / "params", flax.traverse_util.unflatten_dict(target))
   if (root / "checkpoints").exists():
-    abstract, names = abstract_params(cfg)
-    target = sharding.sharded_abstract_params(abstract, names, mesh)
+    target = sharding.abstract_sharded(abstract, shardings)
     ckpt = Checkpointer(path, save_every=1)
     try:
       return ckpt.restore_params(None, target)

@@ -136,7 +136,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
                     "lower config.data.resolution or raise model.base_image_grid_size")
   data_iter = dpo.make_data_iterator(config, cfg) if objective == "dpo" else make_data_iterator(config, cfg)
   # --- end objective dispatch
-  ckpt = Checkpointer(workdir, t.save_every, t.keep, t.async_checkpoint)
+  ckpt = Checkpointer(workdir, t.save_every, t.keep, t.async_checkpoint, model_config=cfg)
   is_main = jax.process_index() == 0
   key = jax.random.key(t.seed)
 

@@ -10,7 +10,7 @@ The edge every command shares (so no command handles these cases itself):
 - any exception becomes one line `nextstep-jax CMD: error: …` (exit 2 for bad input, 1 for an internal error;
   `--debug` re-raises with the traceback);
 - on a machine without TPU (and no GPU plugin) jax is kept on the CPU, so libtpu prints nothing, and absl/Orbax
-  INFO/WARNING logs are hidden unless `--verbose`.
+  logs are hidden unless `--verbose` (our error line says what failed).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import sys
+import threading
 
 COMMANDS = ("convert", "vae", "sample", "train", "data", "demo", "aot", "eval", "serve")
 PATH_DESTS = ("checkpoint", "out", "image", "src", "dst", "workdir", "vae", "model", "prompts")
@@ -90,9 +91,12 @@ def prepare_args(args: argparse.Namespace) -> None:
 def quiet_environment(verbose: bool) -> None:
   """No libtpu start-up noise on machines without TPU chips; absl/Orbax logs only with --verbose."""
   if not verbose:
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)  # Orbax logs write errors with thread tracebacks
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # after a failed write, Orbax/TensorStore threads report the aborted futures as tracebacks of their own
+    sys.unraisablehook = lambda _: None
+    threading.excepthook = lambda _: None
   if "JAX_PLATFORMS" in os.environ or any(importlib.util.find_spec(p) for p in _GPU_PLUGINS):
     return
   from jax._src import hardware_utils
@@ -102,12 +106,13 @@ def quiet_environment(verbose: bool) -> None:
     jax.config.update("jax_platforms", "cpu")  # jax reads the variable at import; it may be imported already
 
 
-def describe_error(e: BaseException) -> tuple[str, int]:
-  """(one line, exit code): 2 for bad input / environment, 1 for an internal error."""
+def describe_error(e: BaseException, output: str | None = None) -> tuple[str, int]:
+  """(one line, exit code): 2 for bad input / environment, 1 for an internal error. `output`: the command's
+  output path, named when an OS error does not name its file."""
   from nextstep_jax.errors import UserError, find_os_error, os_error_line
   os_err = None if isinstance(e, UserError) else find_os_error(e)
   if os_err is not None:
-    return os_error_line(os_err), 2
+    return os_error_line(os_err, None if os_err.filename else output), 2
   if isinstance(e, KeyError) and e.args:
     text = str(e.args[0])
   else:
@@ -122,11 +127,14 @@ def describe_error(e: BaseException) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
-  args, rest = parser.parse_known_args(argv)
+  try:  # argparse exits on bad arguments (one line, OneLineParser) and on --help: return its code instead
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+      parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else 2
   overrides = [a for a in rest if a.startswith("--config.")]
-  unknown = [a for a in rest if not a.startswith("--config.")]
-  if unknown:
-    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   args.config_overrides = overrides
   quiet_environment(getattr(args, "verbose", False))
   try:
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
   except Exception as e:  # noqa: BLE001 — the one place every error becomes one line
     if getattr(args, "debug", False):
       raise
-    line, code = describe_error(e)
+    line, code = describe_error(e, next((getattr(args, d) for d in OUTPUT_DESTS if getattr(args, d, None)), None))
     print(f"nextstep-jax {args.command}: error: {line}", file=sys.stderr)
     return code
 

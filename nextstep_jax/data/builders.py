@@ -303,7 +303,8 @@ def check_images(items: Iterable[tuple[str, Path, str]], resolution: int, down_f
   from PIL import Image
 
   from nextstep_jax.data.buckets import bucket_grids, nearest_bucket
-  grids = bucket_grids(resolution, down_factor)
+  side = resolution // down_factor
+  grids = bucket_grids(resolution, down_factor, "aspect" if side and side % 16 == 0 else "fixed")
   items = list(items)
   no_caption = [name for name, _, text in items if not str(text).strip()]
   small = []

@@ -50,7 +50,8 @@ print("RESULTS " + json.dumps(results))
 
 FLIP = """
 import pathlib
-f = max((p for p in pathlib.Path({root!r}).rglob("*") if p.is_file() and "/d/" in str(p)), key=lambda p: p.stat().st_size)
+files = [p for p in pathlib.Path({root!r}).rglob("*") if p.is_file() and "/d/" in str(p)]
+f = max(files, key=lambda p: p.stat().st_size)
 b = bytearray(f.read_bytes()); b[len(b) // 2] ^= 0xFF; f.write_bytes(bytes(b))
 """
 

@@ -18,15 +18,18 @@ def register(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("aot", help="compile a config for a TPU pod here (XLA:TPU, no TPU needed): does it fit?")
   p.add_argument("--config", required=True, help="experiment file, e.g. configs/nextstep1_14b/stage1_256px.py")
   p.add_argument("--topology", required=True, help="pod type, e.g. v5p-128, v5p-256, v5e-256, v6e-256, v4-64")
-  p.add_argument("--num-slices", type=COUNT, default=1, help="multislice: slices joined over DCN (set config.mesh.dcn_*)")
+  p.add_argument("--num-slices", type=COUNT, default=1,
+                 help="multislice: slices joined over DCN (set config.mesh.dcn_*)")
   p.add_argument("--program", choices=("train", "sample"), default="train",
                  help="train: the train step; sample: prefill + token loop + VAE decode")
   p.add_argument("--json", action="store_true", help="print one JSON object (also for errors)")
   g = p.add_argument_group("sample program")
-  g.add_argument("--sample-batch", type=NON_NEGATIVE_INT, default=0, help="images per call (default: one per data-parallel group)")
+  g.add_argument("--sample-batch", type=NON_NEGATIVE_INT, default=0,
+                 help="images per call (default: one per data-parallel group)")
   g.add_argument("--sample-steps", type=COUNT, default=50, help="flow-sampler steps per image token")
   g.add_argument("--sample-prompt-len", type=COUNT, default=256, help="prompt length bucket")
-  g.add_argument("--sample-resolution", type=NON_NEGATIVE_INT, default=0, help="image side in pixels (default: config.data.resolution)")
+  g.add_argument("--sample-resolution", type=NON_NEGATIVE_INT, default=0,
+                 help="image side in pixels (default: config.data.resolution)")
   g.add_argument("--sample-edit", action="store_true", help="editing program (3 CFG branches + a source image)")
   p.add_argument("--debug", action="store_true", help="raise errors with tracebacks instead of one line")
   p.set_defaults(func=run)

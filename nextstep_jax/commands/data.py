@@ -102,10 +102,12 @@ def _register_prefs(actions) -> None:
   p.add_argument("--dst", required=True, help="output directory (the dataset lands in DST/ns_prefs/1.0.0)")
   p.add_argument("--model", default=None, help="model directory to sample from (params/, vae_params/, tokenizer/)")
   p.add_argument("--prompts", default=None, help="text file, one prompt per line")
-  p.add_argument("--shapes", type=NON_NEGATIVE_INT, default=0, help="use N prompts of the shapes world instead of --prompts")
+  p.add_argument("--shapes", type=NON_NEGATIVE_INT, default=0,
+                 help="use N prompts of the shapes world instead of --prompts")
   p.add_argument("--k", type=number(int, lo=2), default=4, help="samples per prompt; best vs worst make the pair")
   p.add_argument("--scorer", default="shapes", help="'shapes' or package.module:function (image_uint8, prompt) -> float")
-  p.add_argument("--margin", type=number(float, lo=0), default=0.1, help="keep a pair only if best − worst score >= margin")
+  p.add_argument("--margin", type=number(float, lo=0), default=0.1,
+                 help="keep a pair only if best − worst score >= margin")
   p.add_argument("--size", type=COUNT, default=64, help="sample side in pixels")
   p.add_argument("--steps", type=COUNT, default=20, help="sampling steps")
   p.add_argument("--cfg", type=GUIDANCE, default=3.0, help="classifier-free guidance scale")

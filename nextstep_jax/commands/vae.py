@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      ("--image", "input image file (any PIL format)"), ("--out", "output PNG path")):
     r.add_argument(flag, required=True, help=what)
   r.add_argument("--size", type=COUNT, default=None, help="resize + center-crop to SIZE×SIZE first (default: as is)")
-  r.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="posterior sampling seed (non-deterministic VAEs only)")
+  r.add_argument("--seed", type=NON_NEGATIVE_INT, default=0,
+                 help="posterior sampling seed (non-deterministic VAEs only)")
   r.set_defaults(func=_roundtrip)
 
 

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only reads exports; keep libtpu out of it
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny" / "stage1_256px.py"
 

@@ -57,7 +57,7 @@ class Options:
   progress: bool = False  # tqdm bar over image tokens (one host callback per token)
 
   def validate(self) -> "Options":
-    if self.cfg < 1 or self.cfg_img < 1:
+    if not (self.cfg >= 1 and self.cfg_img >= 1):  # NaN fails too
       raise ValueError(f"cfg={self.cfg}, cfg_img={self.cfg_img}: guidance scales must be ≥ 1 (1 disables guidance)")
     if self.num_images_per_prompt < 1:
       raise ValueError("num_images_per_prompt must be ≥ 1")

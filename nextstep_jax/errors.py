@@ -5,7 +5,9 @@ in an exception's cause chain) into one line naming the path and what was kept; 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import sys
 
 
@@ -44,7 +46,6 @@ def find_os_error(e: BaseException | None) -> OSError | None:
 
 
 def _errno_text(code: int) -> str:
-  import os
   return os.strerror(code)
 
 
@@ -62,3 +63,23 @@ def os_error_line(e: OSError, path: str | None = None, kept: str | None = None) 
 def warn(message: str) -> None:
   """One warning line on stderr (flushed, so it interleaves with our other output)."""
   print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def native_stderr_hidden(hidden: bool = True):
+  """Sends file descriptor 2 to /dev/null inside the block (C++ libraries such as libtpu write there directly,
+  bypassing Python); our own lines still reach `sys.stderr` if it is not fd 2 (e.g. captured)."""
+  if not hidden:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)

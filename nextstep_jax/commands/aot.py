@@ -39,12 +39,14 @@ def run(args) -> int:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices need no TPU; keep jax off accelerators
   from nextstep_jax import aot
   from nextstep_jax.config import load_config
+  from nextstep_jax.errors import native_stderr_hidden
   settings = aot.SampleSettings(images=args.sample_batch, steps=args.sample_steps, prompt_len=args.sample_prompt_len,
                                 resolution=args.sample_resolution, edit=args.sample_edit)
   header = dict(config=args.config, pod=args.topology, num_slices=args.num_slices, program=args.program)
   try:
     config = load_config(args.config, args.config_overrides)
-    result = aot.compile_for_pod(config, args.topology, args.num_slices, args.program, settings)
+    with native_stderr_hidden(not getattr(args, "verbose", False)):  # libtpu's start-up lines on a CPU machine
+      result = aot.compile_for_pod(config, args.topology, args.num_slices, args.program, settings)
   except Exception as e:
     if args.debug:
       raise

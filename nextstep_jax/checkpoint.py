@@ -63,7 +63,7 @@ class Checkpointer:
     """Manifests for the steps this process saved that are now complete; drops those of deleted steps."""
     if not self._verify or not self._unrecorded:
       return
-    present = set(self.manager.all_steps(read=True))
+    present = set(self._steps_on_disk())
     (Path(self.workdir) / MANIFESTS).mkdir(parents=True, exist_ok=True)
     for step in sorted(self._unrecorded & present):
       file_manifest.write(self._manifest(step), Path(self.directory) / str(step), step=step,
@@ -112,11 +112,15 @@ class Checkpointer:
 
   # ------------------------------------------------------------------------------------------- save / restore
 
+  def _steps_on_disk(self) -> list[int]:
+    self.manager.reload()
+    return list(self.manager.all_steps())
+
   def should_save(self, step: int) -> bool:
     return self.manager.should_save(step)
 
   def _kept(self) -> str:
-    steps = self.manager.all_steps(read=True)
+    steps = self._steps_on_disk()
     return f"kept checkpoint step {max(steps)} in {self.directory}" if steps else "no earlier checkpoint was kept"
 
   def _write_error(self, e: BaseException, step: int) -> Exception:
@@ -209,7 +213,7 @@ class Checkpointer:
       self.manager.wait_until_finished()
     except Exception as e:
       raise self._write_error(e, max(self._unrecorded, default=-1)) from None
-    missing = sorted(s for s in self._unrecorded if s not in self.manager.all_steps(read=True))
+    missing = sorted(s for s in self._unrecorded if s not in self._steps_on_disk())
     self._record_finished()
     if missing and self._verify:
       self._unrecorded -= set(missing)

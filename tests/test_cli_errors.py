@@ -293,3 +293,36 @@ def test_resume_with_another_model_names_the_field(tmp_path):
   assert "model.width=16 (checkpoint: 8)" in msg and "init_from" in msg and "strict" not in msg
   assert "\n" not in msg
   assert _tree_digest(tmp_path / "checkpoints") == before
+
+
+SAVE_WHEN_FULL = """
+import resource, signal, jax
+from nextstep_jax.checkpoint import Checkpointer
+from nextstep_jax.cli import describe_error
+ckpt = Checkpointer("w", save_every=1)
+ckpt.save(1, {"params": {"w": jax.numpy.ones((4, 4))}}, None, force=True)
+ckpt.wait()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))  # the disk is "full" from here on
+try:
+  ckpt.save(2, {"params": {"w": jax.random.normal(jax.random.key(0), (512, 512))}}, None, force=True)
+  ckpt.close()
+except Exception as e:
+  print("LINE", describe_error(e))
+"""
+
+
+def test_full_disk_during_checkpointing_names_path_and_kept_step(tmp_path):
+  """Class 5: an asynchronous checkpoint write failing on a full disk is one line naming the path and the step
+  that was kept (the previous checkpoint), which stays intact."""
+  proc = subprocess.run([sys.executable, "-c", SAVE_WHEN_FULL], capture_output=True, text=True, cwd=tmp_path,
+                        env=_env(), timeout=300)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("LINE ")]
+  assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
+  line, code = eval(lines[0][5:])  # noqa: S307 — our own repr of a (str, int) tuple
+  assert code == 2 and "\n" not in line
+  assert f"writing checkpoint step 2 to {tmp_path / 'w' / 'checkpoints'} failed: File too large" in line
+  assert "kept checkpoint step 1" in line
+  ckpt = Checkpointer(tmp_path / "w", save_every=1)
+  assert ckpt.latest_step() == 1
+  ckpt.close()

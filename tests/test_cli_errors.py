@@ -326,3 +326,20 @@ def test_full_disk_during_checkpointing_names_path_and_kept_step(tmp_path):
   ckpt = Checkpointer(tmp_path / "w", save_every=1)
   assert ckpt.latest_step() == 1
   ckpt.close()
+
+
+def test_library_entry_points_take_relative_paths(session, monkeypatch):
+  """Class 1 (library): params_io, Checkpointer and Sampler.from_checkpoint resolve relative paths themselves."""
+  from nextstep_jax import params_io
+  from nextstep_jax.sampling.pipeline import Sampler
+  cwd, _ = session
+  monkeypatch.chdir(cwd)
+  params_io.save_params_streaming("rel/params", [(("w",), np.arange(6, dtype=np.float32))])
+  assert params_io.load_params("rel/params")["w"].tolist() == list(range(6))
+  ckpt = Checkpointer("rel/work", save_every=1)
+  ckpt.save(1, _state(8, 3.0), None, force=True)
+  ckpt.close()
+  ckpt = Checkpointer("rel/work", save_every=1)
+  assert float(ckpt.restore(ckpt.latest_step(), _abstract(_state(8, 0.0)), None).params["w"][0, 0]) == 3.0
+  ckpt.close()
+  assert Sampler.from_checkpoint("model").vae_cfg is not None

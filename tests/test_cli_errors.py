@@ -343,3 +343,30 @@ def test_library_entry_points_take_relative_paths(session, monkeypatch):
   assert float(ckpt.restore(ckpt.latest_step(), _abstract(_state(8, 0.0)), None).params["w"][0, 0]) == 3.0
   ckpt.close()
   assert Sampler.from_checkpoint("model").vae_cfg is not None
+
+
+def _packer(elements, records_per_epoch):
+  import grain
+
+  from nextstep_jax.data.packing import PackBatchIterDataset, PackSpec
+  spec = PackSpec(batch_size=1, seq_len=8, image_slots=4, token_dim=4, pad_id=0, placeholder_id=9,
+                  records_per_epoch=records_per_epoch)
+  return iter(PackBatchIterDataset(grain.MapDataset.source(elements).repeat().to_iter_dataset(), spec))
+
+
+def test_packer_fails_fast_and_warns_on_a_high_skip_rate(caplog):
+  """Class 3 (the mechanism): a pass of skipped records raises at once instead of looping; a mostly-skipped pass
+  warns once."""
+  from nextstep_jax.data.packing import NoUsableRecordsError
+  skip = lambda i, r: {"skip": r, "source": "main", "index": i, "detail": ""}  # noqa: E731
+  it = _packer([skip(0, "empty_caption"), skip(1, "empty_caption"), skip(2, "too_small")], 3)
+  with pytest.raises(NoUsableRecordsError, match=r"all 3 records skipped: empty_caption ×2, too_small ×1"):
+    next(it)
+  sample = {"ids": np.array([1, 2, 3], np.int32), "tokens": np.zeros((0, 4), np.float32),
+            "token_loss": np.zeros((0,), np.float32), "token_grid": np.zeros((0, 4), np.int32)}
+  it = _packer([skip(0, "too_small"), skip(1, "too_small"), skip(2, "too_small"), sample], 4)
+  with caplog.at_level("WARNING", logger="nextstep_jax.data"):
+    for _ in range(3):
+      next(it)
+  assert [r.getMessage() for r in caplog.records if "were skipped" in r.getMessage()] == [
+      "3 of the first 4 records (75 %) were skipped; check the data and config.data"]

@@ -136,14 +136,15 @@ class PackBatchIterator(grain.DatasetIterator):
     self._skipped.append(marker)
     self._skip_run[marker["skip"]] += 1
     self._dropped += 1
-    self._count()
     n = self._spec.records_per_epoch
     if n and sum(self._skip_run.values()) >= n:
       reasons = ", ".join(f"{r} ×{c}" for r, c in self._skip_run.most_common())
       raise NoUsableRecordsError(f"all {n} records skipped: {reasons}; no batch can be formed — fix the data "
                                  f"(nextstep-jax data inspect shows why) or the config.data fields that reject it")
+    self._count()
 
   def _count(self) -> None:
+    """One more record read; after the first pass, warns once if most of it was skipped."""
     self._seen += 1
     n = self._spec.records_per_epoch
     if n and not self._rate_checked and self._seen >= n:

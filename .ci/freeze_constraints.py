@@ -2,7 +2,8 @@
 
 Refresh (in an environment where `pip install -e ".[test,tpu]"` works and the tests pass):
 
-  python .ci/freeze_constraints.py > constraints.txt
+  python .ci/freeze_constraints.py > constraints.txt            # extras test,tpu (what .ci/run installs)
+  python .ci/freeze_constraints.py --extras test,tpu,serve > constraints.txt
 
 Reads install_requires and the given extras from setup.py, walks their requirements through the installed
 distributions' metadata (markers evaluated here, extras followed), and pins each to its installed version — like
@@ -60,7 +61,11 @@ def closure(requirements: list[str]) -> dict[str, str]:
 
 
 def main() -> None:
-  pins = closure(setup_requirements())
+  import argparse
+  ap = argparse.ArgumentParser(description="print constraints.txt for nextstep_jax and the given extras")
+  ap.add_argument("--extras", default=",".join(EXTRAS), help="comma-separated extras of setup.py to include")
+  extras = tuple(e for e in ap.parse_args().extras.split(",") if e)
+  pins = closure(setup_requirements(extras))
   pins.pop("nextstep-jax", None)
   print("# Tested versions of every dependency of nextstep_jax (direct and transitive), from one environment that")
   print("# passes the tests. Used by .ci/run and the README install command:  pip install -c constraints.txt -e .")

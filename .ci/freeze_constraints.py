@@ -11,6 +11,7 @@ distributions' metadata (markers evaluated here, extras followed), and pins each
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import re
 import sys
@@ -61,7 +62,6 @@ def closure(requirements: list[str]) -> dict[str, str]:
 
 
 def main() -> None:
-  import argparse
   ap = argparse.ArgumentParser(description="print constraints.txt for nextstep_jax and the given extras")
   ap.add_argument("--extras", default=",".join(EXTRAS), help="comma-separated extras of setup.py to include")
   extras = tuple(e for e in ap.parse_args().extras.split(",") if e)

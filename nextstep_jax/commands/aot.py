@@ -7,11 +7,11 @@ Exit codes: 0 fits, 3 does not fit (one line with what to change), 2 any other e
 from __future__ import annotations
 
 import argparse
-
-from nextstep_jax.commands.arg_types import COUNT, NON_NEGATIVE_INT
 import json
 import os
 import sys
+
+from nextstep_jax.commands.arg_types import COUNT, NON_NEGATIVE_INT
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nextstep_jax.paths import atomic_dir
-
 from nextstep_jax.commands.arg_types import POSITIVE
+from nextstep_jax.paths import atomic_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:

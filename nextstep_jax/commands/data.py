@@ -12,9 +12,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from nextstep_jax.commands.arg_types import COUNT, FRACTION, GUIDANCE, NON_NEGATIVE_INT, POSITIVE, number
-import re
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from nextstep_jax.commands.arg_types import COUNT, GUIDANCE, NON_NEGATIVE_INT, POSITIVE
-import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:

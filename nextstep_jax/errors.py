@@ -2,13 +2,26 @@
 
 `UserError` is what library edges raise for bad input; `os_error_line` turns ENOSPC/EROFS/EACCES/ENOTDIR (anywhere
 in an exception's cause chain) into one line naming the path and what was kept; `warn` prints a one-line warning.
+Importing it silences one harmless Orbax warning printed on every params load.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import sys
+
+
+class _NoMissingMetadataWarning(logging.Filter):
+  """Orbax warns on every load of a v1 pytree through the v0 reader (params_io, checkpoint metadata) that
+  `state/_CHECKPOINT_METADATA` is absent (it lives one level up); the load is complete, so it is noise."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "Metadata file does not exist" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMissingMetadataWarning())
 
 
 class UserError(ValueError):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -31,17 +30,6 @@ from nextstep_jax.paths import resolve_path
 CONFIG_NAME = "nextstep_config.json"
 _STATE = "state"  # the sub-directory Orbax v1 pytree saves use
 MANIFEST = "nextstep_files.json"  # beside `state/` in a parameter set: sizes + CRC-32s of its files
-
-
-class _NoMissingMetadataWarning(logging.Filter):
-  """Orbax warns on every load of a v1 pytree through the v0 reader that `state/_CHECKPOINT_METADATA` is absent
-  (it lives one level up); the load is complete, so the warning is noise."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return "Metadata file does not exist" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_NoMissingMetadataWarning())
 
 
 class CheckpointNotFoundError(FileNotFoundError):

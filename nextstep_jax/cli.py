@@ -26,7 +26,7 @@ import threading
 COMMANDS = ("convert", "vae", "sample", "train", "data", "demo", "aot", "eval", "serve")
 PATH_DESTS = ("checkpoint", "out", "image", "src", "dst", "workdir", "vae", "model", "prompts")
 OUTPUT_DESTS = ("out", "dst", "workdir")
-_GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+_GPU_PLUGINS = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -1,9 +1,14 @@
 """Install nextstep_jax: `pip install -e ".[test]"` (add `tpu` for TPU AOT compilation)."""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "nextstep_jax" / "__init__.py").read_text())[1]
 
 setup(
     name="nextstep_jax",
-    version="0.1.0",
+    version=VERSION,
     description="JAX/Flax reimplementation of NextStep-1 (autoregressive image generation with continuous tokens).",
     packages=find_packages(include=["nextstep_jax", "nextstep_jax.*"]),
     python_requires=">=3.11",

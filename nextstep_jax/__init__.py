@@ -1,1 +1,2 @@
-
+"""nextstep_jax: NextStep-1 (autoregressive image generation with continuous tokens) in JAX/Flax."""
+__version__ = "0.1.0"

@@ -38,7 +38,7 @@ def test_sample_editing(model_dir, fixtures_dir, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--size", "18x16"], "not a multiple of 4"),
     (["--size", "big"], "must look like 512x512"),
-    (["--cfg", "0.5"], "guidance scales must be ≥ 1"),
+    (["--cfg", "0.5"], "argument --cfg: 0.5 must be ≥ 1"),
     (["--prompt", "<image> make it blue"], "no --image was given"),
 ])
 def test_sample_bad_input(model_dir, tmp_path, capsys, args, message):

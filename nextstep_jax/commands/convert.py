@@ -1,7 +1,15 @@
-"""`nextstep-jax convert {qwen,vae,nextstep}` and `nextstep-jax convert export-…`: weight conversion both ways."""
+"""`nextstep-jax convert {qwen,vae,nextstep}` and `nextstep-jax convert export-…`: weight conversion both ways.
+
+Every destination is written into a temporary sibling and renamed at the end (`paths.atomic_dir`), so a failed
+conversion leaves nothing half-written and the rerun starts clean; an existing destination needs --overwrite.
+"""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from nextstep_jax.commands.arg_types import POSITIVE
+from nextstep_jax.paths import atomic_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
   qe = kinds.add_parser("export-qwen", help="model directory → HF Qwen2 safetensors + config.json")
   _io_args(qe)
-  qe.add_argument("--max-shard-gb", type=float, default=4.0)
+  qe.add_argument("--max-shard-gb", type=POSITIVE, default=4.0)
   qe.set_defaults(func=_export_qwen)
 
   v = kinds.add_parser("vae", help="Flux/NextStep VAE (BFL ae.safetensors, NextStep vae/, diffusers AutoencoderKL) "
@@ -38,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
   ne = kinds.add_parser("export-nextstep", help="model directory → NextStep-1 release layout")
   _io_args(ne)
-  ne.add_argument("--max-shard-gb", type=float, default=5.0)
+  ne.add_argument("--max-shard-gb", type=POSITIVE, default=5.0)
   ne.set_defaults(func=_export_nextstep)
 
 
@@ -49,23 +57,34 @@ def _io_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
 
+def _final(files, tmp: Path, dst: str) -> list[str]:
+  """Paths written under `tmp`, as they are named after the rename to `dst`."""
+  return [str(dst) + str(f)[len(str(tmp)):] if str(f).startswith(str(tmp)) else str(f) for f in files]
+
+
 def _qwen(args) -> int:
   from nextstep_jax.convert.qwen import convert_qwen
-  cfg = convert_qwen(args.src, args.dst, args.dtype, overwrite=args.overwrite)
+  with atomic_dir(args.dst, args.overwrite) as tmp:
+    cfg = convert_qwen(args.src, tmp, args.dtype)
   print(f"converted {args.src} → {args.dst} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})")
   return 0
 
 
 def _export_qwen(args) -> int:
   from nextstep_jax.convert.qwen import export_qwen
-  files = export_qwen(args.src, args.dst, args.dtype, int(args.max_shard_gb * (1 << 30)))
-  print(f"exported {args.src} → {', '.join(str(f) for f in files)}")
+  with atomic_dir(args.dst, args.overwrite) as tmp:
+    files = export_qwen(args.src, tmp, args.dtype, int(args.max_shard_gb * (1 << 30)))
+  print(f"exported {args.src} → {', '.join(_final(files, tmp, args.dst))}")
   return 0
 
 
 def _vae(args) -> int:
   from nextstep_jax.convert.vae import convert_vae
-  cfg = convert_vae(args.src, args.dst, args.layout, args.dtype, overwrite=args.overwrite)
+  if Path(args.dst).exists():  # adding a VAE to a model directory: its vae_params/ appear atomically (Orbax)
+    cfg = convert_vae(args.src, args.dst, args.layout, args.dtype, overwrite=args.overwrite)
+  else:
+    with atomic_dir(args.dst) as tmp:
+      cfg = convert_vae(args.src, tmp, args.layout, args.dtype)
   print(f"converted VAE {args.src} → {args.dst}/vae_params (ch {cfg.ch}, ch_mult {list(cfg.ch_mult)}, "
         f"z_channels {cfg.z_channels}, encoder_norm {cfg.encoder_norm}, psz {cfg.psz})")
   return 0
@@ -82,10 +101,11 @@ def _nextstep(args) -> int:
   from nextstep_jax.convert.nextstep import convert_nextstep
   if args.quantize_head and not args.quantize:
     raise ValueError("--quantize-head needs --quantize int8")
-  cfg = convert_nextstep(args.src, args.dst, args.dtype, overwrite=args.overwrite)
-  if args.quantize:
-    from nextstep_jax.convert.quantized import quantize_model_dir
-    quantize_model_dir(args.dst, args.quantize, args.quantize_head)
+  with atomic_dir(args.dst, args.overwrite) as tmp:
+    cfg = convert_nextstep(args.src, tmp, args.dtype)
+    if args.quantize:
+      from nextstep_jax.convert.quantized import quantize_model_dir
+      quantize_model_dir(tmp, args.quantize, args.quantize_head)
   print(f"converted {args.src} → {args.dst} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"head {cfg.fm_head_dim}×{cfg.fm_head_layers}{', int8 kernels' if args.quantize else ''})")
   return 0
@@ -93,6 +113,7 @@ def _nextstep(args) -> int:
 
 def _export_nextstep(args) -> int:
   from nextstep_jax.convert.nextstep import export_nextstep
-  files = export_nextstep(args.src, args.dst, args.dtype, int(args.max_shard_gb * (1 << 30)))
-  print(f"exported {args.src} → {', '.join(str(f) for f in files)}")
+  with atomic_dir(args.dst, args.overwrite) as tmp:
+    files = export_nextstep(args.src, tmp, args.dtype, int(args.max_shard_gb * (1 << 30)))
+  print(f"exported {args.src} → {', '.join(_final(files, tmp, args.dst))}")
   return 0

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from nextstep_jax.commands.arg_types import COUNT, FRACTION, GUIDANCE, NON_NEGATIVE_INT, POSITIVE, number
+
 
 def register(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("data", help="build datasets, cache VAE latents, inspect training batches")
@@ -23,9 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
   b.add_argument("--kind", required=True, help="image_text | edit | text | shapes")
   b.add_argument("--src", default=None, help="source folder or .jsonl (not needed for shapes)")
   b.add_argument("--dst", required=True, help="output directory (the dataset lands in DST/<builder>/1.0.0)")
-  b.add_argument("--num", type=int, default=1000, help="shapes: number of examples")
-  b.add_argument("--size", type=int, default=64, help="shapes: image side in pixels")
-  b.add_argument("--seed", type=int, default=0, help="shapes: dataset seed")
+  b.add_argument("--num", type=COUNT, default=1000, help="shapes: number of examples")
+  b.add_argument("--size", type=COUNT, default=64, help="shapes: image side in pixels")
+  b.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="shapes: dataset seed")
+  b.add_argument("--resolution", type=NON_NEGATIVE_INT, default=256,
+                 help="warn about images too small for the buckets at this side in px (0: no check)")
   b.add_argument("--overwrite", action="store_true", help="replace an existing dataset at DST")
   b.set_defaults(func=_build)
 
@@ -33,17 +37,17 @@ def register(sub: argparse._SubParsersAction) -> None:
   e.add_argument("--src", required=True, help="image dataset directory (from `data build`)")
   e.add_argument("--dst", required=True, help="output directory for the latent dataset")
   e.add_argument("--vae", required=True, help="model directory holding the VAE (nextstep_config.json + vae_params)")
-  e.add_argument("--batch", type=int, default=16, help="images per encoder call (per bucket)")
-  e.add_argument("--resolution", type=int, default=256, help="side of the square bucket in pixels")
+  e.add_argument("--batch", type=COUNT, default=16, help="images per encoder call (per bucket)")
+  e.add_argument("--resolution", type=COUNT, default=256, help="side of the square bucket in pixels")
   e.add_argument("--buckets", choices=("aspect", "fixed"), default="aspect", help="aspect-ratio buckets or one square")
-  e.add_argument("--min-size-ratio", type=float, default=1.0,
+  e.add_argument("--min-size-ratio", type=FRACTION, default=1.0,
                  help="skip images smaller than this fraction of their bucket (1.0: never upscale)")
   e.add_argument("--overwrite", action="store_true")
   e.set_defaults(func=_encode)
 
   i = actions.add_parser("inspect", help="print the shapes and a decoded row of the first training batches")
   i.add_argument("--config", required=True, help="experiment config file (its `data` section is used)")
-  i.add_argument("--batches", type=int, default=1)
+  i.add_argument("--batches", type=COUNT, default=1)
   i.set_defaults(func=_inspect)
   _register_prefs(actions)  # DPO preference pairs (nextstep_jax/apps/preference_pairs.py)
 
@@ -52,7 +56,7 @@ def _build(args) -> int:
   from nextstep_jax.data.builders import build_dataset, open_dataset
 
   out = build_dataset(args.kind, args.dst, src=args.src, num=args.num, size=args.size, seed=args.seed,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, check_resolution=args.resolution)
   print(f"wrote {len(open_dataset(out))} records → {out}")
   return 0
 
@@ -98,23 +102,25 @@ def _register_prefs(actions) -> None:
   p.add_argument("--dst", required=True, help="output directory (the dataset lands in DST/ns_prefs/1.0.0)")
   p.add_argument("--model", default=None, help="model directory to sample from (params/, vae_params/, tokenizer/)")
   p.add_argument("--prompts", default=None, help="text file, one prompt per line")
-  p.add_argument("--shapes", type=int, default=0, help="use N prompts of the shapes world instead of --prompts")
-  p.add_argument("--k", type=int, default=4, help="samples per prompt; best vs worst make the pair")
+  p.add_argument("--shapes", type=NON_NEGATIVE_INT, default=0,
+                 help="use N prompts of the shapes world instead of --prompts")
+  p.add_argument("--k", type=number(int, lo=2), default=4, help="samples per prompt; best vs worst make the pair")
   p.add_argument("--scorer", default="shapes", help="'shapes' or package.module:function (image_uint8, prompt) -> float")
-  p.add_argument("--margin", type=float, default=0.1, help="keep a pair only if best − worst score >= margin")
-  p.add_argument("--size", type=int, default=64, help="sample side in pixels")
-  p.add_argument("--steps", type=int, default=20, help="sampling steps")
-  p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+  p.add_argument("--margin", type=number(float, lo=0), default=0.1,
+                 help="keep a pair only if best − worst score >= margin")
+  p.add_argument("--size", type=COUNT, default=64, help="sample side in pixels")
+  p.add_argument("--steps", type=COUNT, default=20, help="sampling steps")
+  p.add_argument("--cfg", type=GUIDANCE, default=3.0, help="classifier-free guidance scale")
   p.add_argument("--sampler", default="sde_a", help="flow sampler (as `nextstep-jax sample --sampler`)")
-  p.add_argument("--shift", type=float, default=1.0, help="timestep shift")
+  p.add_argument("--shift", type=POSITIVE, default=1.0, help="timestep shift")
   p.add_argument("--no-norm", action="store_true", help="do not re-normalise sampled tokens (use_norm off)")
-  p.add_argument("--seed", type=int, default=0, help="sampling seed (also the shapes prompt stream)")
-  p.add_argument("--prompts-per-call", type=int, default=8, help="prompts per compiled sampling call")
+  p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="sampling seed (also the shapes prompt stream)")
+  p.add_argument("--prompts-per-call", type=COUNT, default=8, help="prompts per compiled sampling call")
   p.add_argument("--tokens", choices=("encode", "sampled"), default="encode",
                  help="store the VAE encoding of the decoded images, or the sampled tokens")
   p.add_argument("--src", default=None, help="import mode: .jsonl of {prompt, chosen, rejected} image paths")
   p.add_argument("--vae", default=None, help="import mode: model directory whose VAE encodes the images")
-  p.add_argument("--resolution", type=int, default=256, help="import mode: square bucket side in pixels")
+  p.add_argument("--resolution", type=COUNT, default=256, help="import mode: square bucket side in pixels")
   p.add_argument("--buckets", choices=("aspect", "fixed"), default="aspect")
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(func=_prefs)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nextstep_jax.commands.arg_types import COUNT, GUIDANCE, NON_NEGATIVE_INT, POSITIVE
+
 
 def register(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("sample", help="generate (or edit) images with a converted or trained model directory")
@@ -12,11 +14,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                  "must contain one <image> tag")
   p.add_argument("--image", default=None, help="source image for editing")
   p.add_argument("--size", default="512x512", help="HEIGHTxWIDTH, multiples of 16 (e.g. 256x512)")
-  p.add_argument("--cfg", type=float, default=7.5)
-  p.add_argument("--cfg-img", type=float, default=2.0, help="image guidance (editing)")
+  p.add_argument("--cfg", type=GUIDANCE, default=7.5, help="guidance scale (≥ 1; 1 disables CFG)")
+  p.add_argument("--cfg-img", type=GUIDANCE, default=2.0, help="image guidance (editing)")
   p.add_argument("--cfg-schedule", default="constant", choices=("constant", "linear", "linear_rise"))
-  p.add_argument("--steps", type=int, default=50)
-  p.add_argument("--shift", type=float, default=None, help="timestep shift (default 1.0; 3.2 for editing)")
+  p.add_argument("--steps", type=COUNT, default=50)
+  p.add_argument("--shift", type=POSITIVE, default=None, help="timestep shift (default 1.0; 3.2 for editing)")
   p.add_argument("--sampler", default="sde_a", choices=("sde_a", "sde_b", "euler", "heun", "dpm_2m"),
                  help="sde_a = the official release sampler; dpm_2m = DPM-Solver++(2M) on its log-SNR grid")
   p.add_argument("--step-schedule", default=None, help="per-token flow steps over equal token segments, e.g. "
@@ -31,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--no-norm", action="store_true", help="disable use_norm token re-normalisation")
   p.add_argument("--positive-prompt", default=None, help="appended to text-to-image captions (default: official)")
   p.add_argument("--negative-prompt", default=None)
-  p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--num-images", type=COUNT, default=1, help="images per prompt")
+  p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
   p.add_argument("--dtype", default=None, help="compute dtype override (float32 is fastest on CPU)")
   p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes to shard over devices, e.g. 1,4,2")
   p.add_argument("--out", default="out.png", help="PNG path; several images get _<i> suffixes")

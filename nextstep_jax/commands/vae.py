@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from nextstep_jax.commands.arg_types import COUNT, NON_NEGATIVE_INT
+
 
 def register(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("vae", help="image tokenizer (VAE) utilities")
@@ -11,8 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
   for flag, what in (("--checkpoint", "model directory with vae_params (from `convert vae`)"),
                      ("--image", "input image file (any PIL format)"), ("--out", "output PNG path")):
     r.add_argument(flag, required=True, help=what)
-  r.add_argument("--size", type=int, default=None, help="resize + center-crop to SIZE×SIZE first (default: as is)")
-  r.add_argument("--seed", type=int, default=0, help="posterior sampling seed (non-deterministic VAEs only)")
+  r.add_argument("--size", type=COUNT, default=None, help="resize + center-crop to SIZE×SIZE first (default: as is)")
+  r.add_argument("--seed", type=NON_NEGATIVE_INT, default=0,
+                 help="posterior sampling seed (non-deterministic VAEs only)")
   r.set_defaults(func=_roundtrip)
 
 

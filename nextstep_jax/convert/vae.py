@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,6 +33,7 @@ from nextstep_jax.config import ConfigError, VAEConfig, flux_vae
 from nextstep_jax.convert.qwen import _read_json, abstract_shapes
 from nextstep_jax.convert.safetensors_io import SafetensorsReader
 from nextstep_jax.convert.table import ConversionError, Rule, check, export_tensors, import_leaves, parse_dtype
+from nextstep_jax.paths import resolve_path
 
 LAYOUTS = ("auto", "bfl", "nextstep", "diffusers")
 PARAMS_DIR = "vae_params"
@@ -348,14 +350,16 @@ def export_vae_bfl(model_dir: str | Path, dst_file: str | Path, dtype: str | Non
   """
   from safetensors.numpy import save_file
 
-  dst_file = Path(dst_file)
+  dst_file = resolve_path(dst_file)
   if dst_file.exists() and not overwrite:
     raise FileExistsError(f"{dst_file} already exists; choose a new destination or pass --overwrite")
   cfg, params = load_vae(model_dir)
   flat = traverse_util.flatten_dict(params)
   tensors = dict(export_tensors(bfl_rules(cfg), flat.__getitem__, parse_dtype(dtype)))
   dst_file.parent.mkdir(parents=True, exist_ok=True)
-  save_file(tensors, str(dst_file), metadata={"format": "pt", METADATA_KEY: json.dumps(dataclasses.asdict(cfg))})
+  tmp = dst_file.with_name(f".{dst_file.name}.partial")  # renamed at the end: never a half-written file
+  save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(dataclasses.asdict(cfg))})
+  os.replace(tmp, dst_file)
   if write_config:
     (dst_file.parent / "config.json").write_text(json.dumps(nextstep_vae_config(cfg), indent=2))
   return dst_file

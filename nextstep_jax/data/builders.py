@@ -8,6 +8,9 @@ warning and a count, when the pipeline reads them (`nextstep_jax.data.records`).
 
 Layout on disk: `<dst>/<builder name>/1.0.0/{dataset_info.json, features.json, *.array_record-*}`.
 `open_dataset(path)` accepts that version directory or any parent holding exactly one dataset.
+Writes are atomic: a dataset is built in `<dst>/.<builder name>.partial` and renamed into place when complete;
+one with zero examples is never left behind (EmptyDatasetError). `build_dataset` warns (one line each) about
+images without a caption and images smaller than their bucket at `check_resolution` px, which training skips.
 
   kind (CLI)    builder            features
   image_text    ns_image_text      image (bytes), caption, meta (json: file)
@@ -30,6 +33,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from nextstep_jax.data.records import encode_png, meta_json
+from nextstep_jax.errors import warn
+from nextstep_jax.paths import resolve_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 BUILD_KINDS = ("image_text", "edit", "text", "shapes")
@@ -49,6 +54,10 @@ DATASET_KINDS: dict[str, tuple[str, str]] = {
 
 class DatasetError(ValueError):
   """A dataset directory is missing, ambiguous or of the wrong kind."""
+
+
+class EmptyDatasetError(DatasetError):
+  """A build produced no examples (nothing was written)."""
 
 
 Tensor = tfds.features.Tensor
@@ -138,16 +147,42 @@ assert set(_BUILDERS) == set(DATASET_KINDS), _BUILDERS
 
 def write_dataset(builder_name: str, dst: str | os.PathLike, examples: Callable[[], Iterable[tuple[Any, dict]]],
                   overwrite: bool = False) -> str:
-  """Writes examples (key, feature dict) as an ArrayRecord TFDS dataset under dst; returns its version dir."""
-  out = Path(dst) / builder_name / VERSION
-  if out.exists():
-    if not overwrite:
-      raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) or choose another --dst")
-    shutil.rmtree(out)
+  """Writes examples (key, feature dict) as an ArrayRecord TFDS dataset under dst; returns its version dir.
+
+  Built in a temporary sibling and renamed into place at the end, so a failed or empty build leaves nothing
+  (and an existing dataset survives until its replacement is complete)."""
   if builder_name not in _BUILDERS:
     raise DatasetError(f"unknown dataset builder {builder_name!r}; known: {sorted(_BUILDERS)}")
-  builder = _BUILDERS[builder_name](examples=examples, data_dir=str(dst), file_format="array_record")
-  builder.download_and_prepare()
+  dst = resolve_path(dst)
+  out = dst / builder_name / VERSION
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) or choose another --dst")
+  tmp = dst / f".{builder_name}.partial"
+  shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted build
+  count = 0
+
+  def counted():
+    nonlocal count
+    for item in examples():
+      count += 1
+      yield item
+
+  try:
+    builder = _BUILDERS[builder_name](examples=counted, data_dir=str(tmp), file_format="array_record")
+    builder.download_and_prepare()
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if count == 0:
+      raise EmptyDatasetError(f"no examples to write to {out}; nothing was written") from None
+    raise
+  if count == 0:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise EmptyDatasetError(f"no examples to write to {out}; nothing was written")
+  if out.exists():
+    shutil.rmtree(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  os.replace(tmp / builder_name / VERSION, out)
+  shutil.rmtree(tmp, ignore_errors=True)
   return str(out)
 
 
@@ -200,6 +235,7 @@ def image_text_examples(src: str | os.PathLike) -> Callable[[], Iterator[tuple[i
   def gen():
     for i, (path, caption, name) in enumerate(rows):
       yield i, dict(image=_read_bytes(path), caption=caption, meta=meta_json(file=name))
+  gen.rows = [(name, path, caption) for path, caption, name in rows]  # for build_dataset's checks
   return gen
 
 
@@ -219,6 +255,7 @@ def edit_examples(src: str | os.PathLike) -> Callable[[], Iterator[tuple[int, di
     for i, r in enumerate(rows):
       yield i, dict(source=_read_bytes(index.parent / r["source"]), target=_read_bytes(index.parent / r["target"]),
                     instruction=r.get("instruction") or "", meta=meta_json(source=r["source"], target=r["target"]))
+  gen.rows = [(r["target"], index.parent / r["target"], r.get("instruction") or "") for r in rows]
   return gen
 
 
@@ -260,9 +297,40 @@ def shapes_examples(num: int, size: int = 64, seed: int = 0) -> Callable[[], Ite
   return gen
 
 
+def check_images(items: Iterable[tuple[str, Path, str]], resolution: int, down_factor: int = 16) -> None:
+  """Warns (one line per problem) about (name, image path, caption/instruction) rows that training would skip:
+  missing captions, images smaller than their aspect bucket at `resolution` px."""
+  from PIL import Image
+
+  from nextstep_jax.data.buckets import bucket_grids, nearest_bucket
+  side = resolution // down_factor
+  grids = bucket_grids(resolution, down_factor, "aspect" if side and side % 16 == 0 else "fixed")
+  items = list(items)
+  no_caption = [name for name, _, text in items if not str(text).strip()]
+  small = []
+  for name, path, _ in items:
+    try:
+      with Image.open(path) as img:
+        w, h = img.size
+    except (OSError, ValueError, SyntaxError):
+      continue  # unreadable: the pipeline skips and names it
+    gh, gw = nearest_bucket(h, w, grids)
+    if h < gh * down_factor or w < gw * down_factor:
+      small.append(f"{name} {w}x{h}")
+  n = len(items)
+  if no_caption:
+    warn(f"{len(no_caption)} of {n} images have no caption / instruction (e.g. {no_caption[0]}); training skips them "
+         f"(empty_caption) — add a sidecar .txt / a \"caption\" per line")
+  if small:
+    warn(f"{len(small)} of {n} images are smaller than their {resolution}-px bucket (e.g. {small[0]}); training "
+         f"and `data encode` at {resolution} px skip them (too_small) — use larger images or a lower resolution")
+
+
 def build_dataset(kind: str, dst: str | os.PathLike, src: str | os.PathLike | None = None, num: int = 0,
-                  size: int = 64, seed: int = 0, overwrite: bool = False) -> str:
-  """`nextstep-jax data build`: one of BUILD_KINDS into `dst`; returns the dataset's version directory."""
+                  size: int = 64, seed: int = 0, overwrite: bool = False, check_resolution: int = 0) -> str:
+  """`nextstep-jax data build`: one of BUILD_KINDS into `dst`; returns the dataset's version directory.
+  `check_resolution` > 0: warn about captionless images and images too small for that resolution's buckets."""
+  src = resolve_path(src) if src else src
   if kind not in BUILD_KINDS:
     raise DatasetError(f"--kind {kind!r} is not one of {BUILD_KINDS}")
   if kind != "shapes" and not src:
@@ -273,6 +341,8 @@ def build_dataset(kind: str, dst: str | os.PathLike, src: str | os.PathLike | No
       "text": lambda: (text_examples(src), "ns_text"),
       "shapes": lambda: (shapes_examples(num, size, seed), "ns_shapes"),
   }[kind]()
+  if check_resolution and kind in ("image_text", "edit"):
+    check_images(examples.rows, check_resolution)
   return write_dataset(name, dst, examples, overwrite=overwrite)
 
 
@@ -281,7 +351,7 @@ def build_dataset(kind: str, dst: str | os.PathLike, src: str | os.PathLike | No
 
 def resolve_dataset_dir(path: str | os.PathLike) -> Path:
   """The version directory (holding dataset_info.json) at or below `path` (exactly one must exist)."""
-  path = Path(path)
+  path = resolve_path(path)
   if (path / "dataset_info.json").is_file():
     return path
   if not path.is_dir():

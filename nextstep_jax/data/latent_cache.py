@@ -19,7 +19,7 @@ import numpy as np
 
 from nextstep_jax.config import LATENT_PATCH_SIZE
 from nextstep_jax.data.buckets import bucket_grids
-from nextstep_jax.data.builders import DatasetError, TfdsSource, write_dataset
+from nextstep_jax.data.builders import DatasetError, EmptyDatasetError, TfdsSource, write_dataset
 from nextstep_jax.data.records import SKIP_REASONS, BadRecord, require_text, to_str
 from nextstep_jax.data.samples import prepare_image
 from nextstep_jax.images import resize_center_crop, to_float
@@ -122,9 +122,13 @@ def encode_dataset(src: str | os.PathLike, dst: str | os.PathLike, encode: Calla
         yield key, ex
         key += 1
 
-  out = write_dataset("ns_latent_edit" if is_edit else "ns_latent_t2i", dst, gen, overwrite=overwrite)
-  if not counts["encoded"]:
-    raise DatasetError(f"no record of {source.path} could be encoded ({dict(counts)})")
+  try:
+    out = write_dataset("ns_latent_edit" if is_edit else "ns_latent_t2i", dst, gen, overwrite=overwrite)
+  except EmptyDatasetError:
+    reasons = ", ".join(f"{k.split('/', 1)[1]} ×{v}" for k, v in sorted(counts.items()) if k.startswith("skipped/"))
+    raise EmptyDatasetError(f"all {len(source)} records of {source.path} skipped ({reasons or 'no records'}); "
+                            f"nothing was written to {dst} — fix the data or --resolution / --min-size-ratio") \
+        from None
   return out, dict(counts)
 
 

@@ -19,10 +19,17 @@ Checkpointing: every sample read since the last emitted batch is still pending (
 not yet batched rows), and those samples are contiguous in the parent stream. The state is therefore the parent
 state before the first pending sample plus how many samples were read since; `set_state` restores the parent
 there and replays them (no batch can be completed during the replay).
+
+Data that yields nothing: with `records_per_epoch` set (the pipeline sets it to the records of one pass over this
+process's shards), a run of that many skipped records in a row raises `NoUsableRecordsError` ("all N records
+skipped: empty_caption ×N") instead of looping forever; after one pass, a skip rate above HIGH_SKIP_RATE is
+warned about once.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 from typing import Any
 
 import grain
@@ -31,12 +38,19 @@ import numpy as np
 from nextstep_jax.images import to_float
 from nextstep_jax.tokens import IGNORE_INDEX
 
+logger = logging.getLogger("nextstep_jax.data")
+HIGH_SKIP_RATE = 0.5
+
 
 REJECTED = "rejected_image_tokens"  # the preference-pair batch key
 
 
 class TooLongError(ValueError):
   """A sample does not fit in one row and on_too_long='error'."""
+
+
+class NoUsableRecordsError(ValueError):
+  """A whole pass over the data was skipped: no batch can ever be formed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +66,7 @@ class PackSpec:
   pixel_hw: tuple[int, int] | None = None  # (H, W) px when rows carry pixel_values (encode on the fly)
   pixel_tokens: int = 0  # image tokens of that bucket (h·w)
   on_too_long: str = "drop"
+  records_per_epoch: int = 0  # records in one pass (0: unknown, no fail-fast / skip-rate warning)
 
 
 class PackBatchIterDataset(grain.IterDataset):
@@ -76,6 +91,9 @@ class PackBatchIterator(grain.DatasetIterator):
     self._reset()
     self._anchor = None
     self._exhausted = False
+    self._skip_run: collections.Counter = collections.Counter()  # reasons since the last usable sample
+    self._seen = self._dropped = 0
+    self._rate_checked = False
 
   def _reset(self) -> None:
     self._open: list[dict] = []
@@ -94,7 +112,7 @@ class PackBatchIterator(grain.DatasetIterator):
   def _add(self, el: dict) -> None:
     s = self._spec
     if "skip" in el:
-      self._skipped.append(el)
+      self._skip(el)
       return
     n, m = len(el["ids"]), len(el["tokens"])
     if int(np.count_nonzero(el["ids"] == s.placeholder_id)) != (s.pixel_tokens if "pixels" in el else m):
@@ -105,9 +123,11 @@ class PackBatchIterator(grain.DatasetIterator):
       if s.on_too_long == "error":
         raise TooLongError(f"sample is too long ({what}); raise config.data.seq_len or max_image_tokens, or set "
                            f"on_too_long='drop'")
-      self._skipped.append({"skip": "too_long", "source": el.get("source", "?"), "index": el.get("index", -1),
-                            "detail": what})
+      self._skip({"skip": "too_long", "source": el.get("source", "?"), "index": el.get("index", -1),
+                  "detail": what})
       return
+    self._skip_run.clear()
+    self._count()
     if not s.pack or self._open_len + n > s.seq_len or self._open_img + m > s.image_slots:
       self._close_open()
     self._open.append(el)
@@ -115,6 +135,27 @@ class PackBatchIterator(grain.DatasetIterator):
     self._open_img += m
     if not s.pack:
       self._close_open()
+
+  def _skip(self, marker: dict) -> None:
+    self._skipped.append(marker)
+    self._skip_run[marker["skip"]] += 1
+    self._dropped += 1
+    n = self._spec.records_per_epoch
+    if n and sum(self._skip_run.values()) >= n:
+      reasons = ", ".join(f"{r} ×{c}" for r, c in self._skip_run.most_common())
+      raise NoUsableRecordsError(f"all {n} records skipped: {reasons}; no batch can be formed — fix the data "
+                                 f"(nextstep-jax data inspect shows why) or the config.data fields that reject it")
+    self._count()
+
+  def _count(self) -> None:
+    """One more record read; after the first pass, warns once if most of it was skipped."""
+    self._seen += 1
+    n = self._spec.records_per_epoch
+    if n and not self._rate_checked and self._seen >= n:
+      self._rate_checked = True
+      if self._dropped > HIGH_SKIP_RATE * self._seen:
+        logger.warning("%d of the first %d records (%.0f %%) were skipped; check the data and config.data",
+                       self._dropped, self._seen, 100 * self._dropped / self._seen)
 
   def __next__(self) -> dict[str, Any]:
     s = self._spec

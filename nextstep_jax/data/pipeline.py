@@ -95,7 +95,7 @@ def open_sources(cfg: Any) -> list[TfdsSource]:
   return out
 
 
-def pack_spec(cfg: Any, batch_size: int, pad_id: int, placeholder_id: int) -> PackSpec:
+def pack_spec(cfg: Any, batch_size: int, pad_id: int, placeholder_id: int, records_per_epoch: int = 0) -> PackSpec:
   cfg = _config(cfg)
   pixel_hw = pixel_tokens = None
   if cfg.encode_on_the_fly:
@@ -104,7 +104,7 @@ def pack_spec(cfg: Any, batch_size: int, pad_id: int, placeholder_id: int) -> Pa
   return PackSpec(batch_size=batch_size, seq_len=cfg.seq_len, image_slots=cfg.image_slots, token_dim=cfg.token_dim,
                   pad_id=pad_id, placeholder_id=placeholder_id, pack=cfg.pack,
                   reset_positions=cfg.reset_positions_per_sample, pixel_hw=pixel_hw, pixel_tokens=pixel_tokens or 0,
-                  on_too_long=cfg.on_too_long)
+                  on_too_long=cfg.on_too_long, records_per_epoch=records_per_epoch)
 
 
 def sample_dataset(cfg: Any, process_index: int | None = None, process_count: int | None = None) -> grain.MapDataset:
@@ -136,12 +136,17 @@ def make_dataset(cfg: Any, process_index: int | None = None, process_count: int 
   ds = sample_dataset(cfg, process_index, process_count).to_iter_dataset(
       grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size))
   ds = PackBatchIterDataset(ds, pack_spec(cfg, cfg.local_batch_size(process_count), tok.pad_id,
-                                          tok.image_placeholder_id))
+                                          tok.image_placeholder_id, _records_per_pass(cfg, process_count)))
   if cfg.num_workers > 0:
     _mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                      per_worker_buffer_size=cfg.worker_buffer_size))
   return ds
+
+
+def _records_per_pass(cfg: DataConfig, process_count: int) -> int:
+  """Records of one pass over this process's shards of every source (the fail-fast threshold of the packer)."""
+  return sum(-(-len(TfdsSource(spec.path)) // process_count) for spec in cfg.sources)
 
 
 def make_iterator(cfg: Any, process_index: int | None = None, process_count: int | None = None) -> "DataIterator":

@@ -62,7 +62,7 @@ class Options:
   return_debug: bool | None = None  # conditions, raw head outputs in Result.extras; None: when draws are injected
 
   def validate(self) -> "Options":
-    if self.cfg < 1 or self.cfg_img < 1:
+    if not (self.cfg >= 1 and self.cfg_img >= 1):  # NaN fails too
       raise ValueError(f"cfg={self.cfg}, cfg_img={self.cfg_img}: guidance scales must be ≥ 1 (1 disables guidance)")
     if self.num_images_per_prompt < 1:
       raise ValueError("num_images_per_prompt must be ≥ 1")

@@ -85,7 +85,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
   tx, schedule = make_optimizer(run)
   abstract, shardings = state_shardings(cfg, tx, mesh)
   data_iter = objective.data_iterator(config, cfg, run, jax.process_index(), jax.process_count())
-  ckpt = Checkpointer(workdir, run.save_every, run.keep, run.async_checkpoint)
+  ckpt = Checkpointer(workdir, run.save_every, run.keep, run.async_checkpoint, model_config=cfg)
   is_main = jax.process_index() == 0
   key = jax.random.key(run.seed)
   init_rng = jax.random.fold_in(key, 1)

@@ -1,9 +1,6 @@
 """Paths real runs take that the tiny defaults skip: the scanned (TPU-default) sampler sharded over (2, 2, 2),
-remat policies (same loss and gradients as none), the parameter EMA recomputed by hand, and `<|image_area|>` read
-from the tokenizer when its id differs from the pad + 1 fallback."""
+remat policies (same loss and gradients as none) and the parameter EMA recomputed by hand."""
 import dataclasses
-import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -96,26 +93,6 @@ def test_params_ema_recomputed_by_hand():
   for k in ema:
     np.testing.assert_allclose(got[k], ema[k], atol=1e-6, err_msg=k)
     assert np.abs(got[k] - params[k]).max() > 1e-3
-
-
-def test_image_area_id_read_from_the_tokenizer(tmp_path):
-  """A release whose `<|image_area|>` is not pad + 1: conversion and the sampler's prompts use the tokenizer's id."""
-  src = tmp_path / "release"
-  shutil.copytree(PROD, src, ignore=shutil.ignore_patterns("*.npz"))
-  tok = json.loads((src / "tokenizer.json").read_text())
-  area = next(t for t in tok["added_tokens"] if t["content"] == "<|image_area|>")
-  pad = json.loads((src / "config.json").read_text())["pad_token_id_added"]
-  assert area["id"] == pad + 1
-  area["id"] = 268
-  (src / "tokenizer.json").write_text(json.dumps(tok))
-  cfg = convert_nextstep(src, tmp_path / "model")
-  assert cfg.image_area_id == 268
-  sampler = Sampler.from_checkpoint(tmp_path / "model")
-  out = sampler.text_to_image(["a"], Options(height=16, width=16, steps=2, cfg=1.0, positive_prompt=None,
-                                             buckets=(16,), decode=False))
-  ids = out.extras["prompt_ids"][0]
-  assert list(ids[-5:]) == [268, ord("4"), ord("*"), ord("4"), cfg.boi_id]
-  assert pad + 1 not in ids
 
 
 def test_encode_on_the_fly_gives_the_official_latent_tokens(model_dir):

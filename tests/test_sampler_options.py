@@ -65,7 +65,7 @@ def np_sample(method, x, eps, n, s):
   return x
 
 
-@pytest.mark.parametrize("method", flow.METHODS)
+@pytest.mark.parametrize("method", [m for m in flow.METHODS if m != "dpm_2m"])  # dpm_2m: test_flow_solvers.py
 @pytest.mark.parametrize("shift", [1.0, 3.2])
 def test_flow_method_matches_numpy_loop(method, shift):
   n = 6

@@ -17,7 +17,7 @@ TINY_DPO = os.path.join(ROOT, "configs", "tiny", "dpo.py")
 CASES = [  # (config file, override, what the one line must say)
     (TINY1, "--config.train.lrr=1e-4", "config has no field 'train.lrr'"),
     (TINY1, "--config.train.steps=ten", "train.steps"),
-    (TINY1, "--config.train.lr=-1e-4", "config.train.lr=-0.0001 must be > 0"),
+    (TINY1, "--config.train.lr=-1e-4", "config.train.lr=-0.0001 must be >= 0"),
     (TINY1, "--config.train.lr=nan", "config.train.lr=nan is not a finite number"),
     (TINY1, "--config.train.end_lr=inf", "config.train.end_lr=inf is not a finite number"),
     (TINY1, "--config.train.warmup_steps=100", "config.train.warmup_steps=100 exceeds steps=6"),
@@ -59,8 +59,8 @@ def test_library_views_refuse_unknown_and_mistyped_fields():
     TrainConfig.from_config(dict(export=1))
   with pytest.raises(ConfigError, match="config.dpo.betta is not a known field; did you mean config.dpo.beta"):
     DpoConfig.from_config(dict(betta=1.0))
-  with pytest.raises(ConfigError, match="config.train.lr=0.0 must be > 0"):
-    train_section(lr=0.0)
+  with pytest.raises(ConfigError, match="config.train.lr=-1.0 must be >= 0"):
+    train_section(lr=-1.0)
 
 
 def test_defaults_are_written_once():

@@ -68,7 +68,7 @@ class TrainConfig:
     non_negative_int(self, p, "warmup_steps", "sample_every", "max_nonfinite_steps")
     finite(self, p, "lr", "end_lr", "b1", "b2", "eps", "weight_decay", "grad_clip", "ema_decay", "sample_cfg",
            "peak_flops_per_device")
-    check(self.lr > 0, f"{p}.lr={self.lr} must be > 0 (typical: 1e-4 pre-training, 1e-5 fine-tuning)")
+    check(self.lr >= 0, f"{p}.lr={self.lr} must be >= 0 (typical: 1e-4 pre-training, 1e-5 fine-tuning)")
     check(self.end_lr >= 0, f"{p}.end_lr={self.end_lr} must be >= 0")
     check(self.warmup_steps <= self.steps, f"{p}.warmup_steps={self.warmup_steps} exceeds steps={self.steps}; "
           f"use a warmup of at most the run's length")

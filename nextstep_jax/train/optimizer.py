@@ -22,7 +22,8 @@ def lr_schedule(run: TrainConfig) -> optax.Schedule:
   if run.schedule == "constant":
     main = optax.constant_schedule(run.lr)
   else:
-    main = optax.cosine_decay_schedule(run.lr, max(run.steps - run.warmup_steps, 1), alpha=run.end_lr / run.lr)
+    alpha = run.end_lr / run.lr if run.lr else 0.0  # lr 0: a frozen run (tests, evaluation of the init)
+    main = optax.cosine_decay_schedule(run.lr, max(run.steps - run.warmup_steps, 1), alpha=alpha)
   return optax.join_schedules([warmup, main], [run.warmup_steps])
 
 

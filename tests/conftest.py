@@ -16,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
@@ -37,6 +38,16 @@ def fixtures_dir():
 
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+PRODUCTION = Path(ROOT) / "tests" / "fixtures" / "production"  # our official-code references (README there)
+
+
+@pytest.fixture(scope="session")
+def production_model_dir(tmp_path_factory):
+  """The production-like release in tests/fixtures/production converted once per worker (read-only for tests)."""
+  from nextstep_jax.convert.nextstep import convert_nextstep
+  out = tmp_path_factory.mktemp("production") / "model"
+  convert_nextstep(PRODUCTION, out)
+  return out
 DEMO_CI_CONFIG = os.path.join(ROOT, "configs", "demo", "stage1.py") + ":ci"
 
 

@@ -68,7 +68,7 @@ def test_splash_lowers_and_compiles_for_a_tpu_topology():
   abstract, names = sharding.abstract_with_names(lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32)),
                                                  jax.random.key(0))
   shardings = sharding.tree_shardings(names, abstract, mesh)
-  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  params = sharding.abstract_sharded(abstract, shardings)
   ids = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
   with sharding.use_mesh(mesh):
     lowered = jax.jit(jax.grad(lambda p, i: model.apply(p, i).mean())).lower(params, ids)

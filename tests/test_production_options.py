@@ -1,15 +1,14 @@
 """Paths real runs take that the tiny defaults skip: the scanned (TPU-default) sampler sharded over (2, 2, 2),
 remat policies (same loss and gradients as none) and the parameter EMA recomputed by hand."""
 import dataclasses
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import PRODUCTION
 from nextstep_jax import params_io, sharding
 from nextstep_jax.config import REMAT_POLICIES
-from nextstep_jax.convert.nextstep import convert_nextstep
 from nextstep_jax.models.nextstep import abstract_params
 from nextstep_jax.sampling.pipeline import Options, Sampler
 from nextstep_jax.train.optimizer import make_optimizer, model_params
@@ -18,14 +17,10 @@ from nextstep_jax.train.synthetic import synthetic_batch
 from sharding_harness import max_relative_error
 from train_utils import TINY, random_params, train_cfg
 
-PROD = Path(__file__).resolve().parent / "fixtures" / "production"
-
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("prod_options") / "model"
-  convert_nextstep(PROD, out)
-  return out
+def model_dir(production_model_dir):
+  return production_model_dir
 
 
 def test_scanned_sampler_sharded_222_equals_single_device(model_dir):
@@ -38,7 +33,7 @@ def test_scanned_sampler_sharded_222_equals_single_device(model_dir):
   mesh = sharding.mesh_from_shape((2, 2, 2))
   abstract, names = abstract_params(single.cfg)
   shardings = sharding.tree_shardings(names, abstract, mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  target = sharding.abstract_sharded(abstract, shardings)
   params = params_io.load_params(model_dir / "params", target)
   scanned = Sampler(single.cfg, params, single.vae_cfg, single.vae_params, single.tokenizer, mesh, shardings,
                     unstack_layers=False)
@@ -104,7 +99,7 @@ def test_encode_on_the_fly_gives_the_official_latent_tokens(model_dir):
   from nextstep_jax.models.latents import patchify
   from nextstep_jax.train.config import TrainConfig
   from nextstep_jax.train.loop import _PixelEncoder
-  f = dict(np.load(PROD / "vae_scaled.npz"))
+  f = dict(np.load(PRODUCTION / "vae_scaled.npz"))
   config = ml_collections.ConfigDict({"train": {"vae_from": str(model_dir)}, "model": {"latent_patch_size": 2}})
   mesh = sharding.mesh_from_shape((1, 1, 1), jax.devices()[:1])
   enc = _PixelEncoder(config, TrainConfig.from_config(config.train), mesh)

@@ -4,15 +4,15 @@ a release checkpoint in four safetensors shards + index, the real Flux VAE's sca
 beyond their exact length, and a training loss with partial image-loss masks and unequal token counts per row."""
 import dataclasses
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from conftest import PRODUCTION
 from nextstep_jax import params_io
-from nextstep_jax.convert.nextstep import convert_nextstep, export_nextstep
+from nextstep_jax.convert.nextstep import export_nextstep
 from nextstep_jax.convert.safetensors_io import SafetensorsReader
 from nextstep_jax.models import flux_vae
 from nextstep_jax.models.image_grid import grid_slots
@@ -20,12 +20,11 @@ from nextstep_jax.models.latents import patchify
 from nextstep_jax.models.nextstep import NextStep, combine_losses, loss_counts, sincos_2d_table
 from nextstep_jax.sampling.pipeline import Options, Sampler
 
-PROD = Path(__file__).resolve().parent / "fixtures" / "production"
-SHARDS = sorted(PROD.glob("model-*-of-*.safetensors"))
+SHARDS = sorted(PRODUCTION.glob("model-*-of-*.safetensors"))
 
 
 def _npz(name):
-  return dict(np.load(PROD / name))
+  return dict(np.load(PRODUCTION / name))
 
 
 def _nhwc(x):
@@ -39,10 +38,8 @@ def _err(name, got, want):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("production") / "model"
-  convert_nextstep(PROD, out)
-  return out
+def model_dir(production_model_dir):
+  return production_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +61,10 @@ def stacked_params(model_dir):
 
 
 def _official_tensors():
-  index = json.loads((PROD / "model.safetensors.index.json").read_text())
+  index = json.loads((PRODUCTION / "model.safetensors.index.json").read_text())
   out = {}
   for shard in sorted(set(index["weight_map"].values())):
-    out.update(load_file(str(PROD / shard)))
+    out.update(load_file(str(PRODUCTION / shard)))
   assert set(out) == set(index["weight_map"])
   return out
 
@@ -75,10 +72,10 @@ def _official_tensors():
 # ------------------------------------------------------------------------------------------- checkpoint, VAE
 
 def test_fixture_is_a_multi_file_release_with_production_vae_factors():
-  assert len(SHARDS) >= 3 and not (PROD / "model.safetensors").exists()
-  vae = json.loads((PROD / "vae" / "config.json").read_text())
+  assert len(SHARDS) >= 3 and not (PRODUCTION / "model.safetensors").exists()
+  vae = json.loads((PRODUCTION / "vae" / "config.json").read_text())
   assert (vae["scaling_factor"], vae["shift_factor"]) == (0.3611, 0.1159)
-  assert json.loads((PROD / "config.json").read_text())["use_gen_pos_embed"] is True
+  assert json.loads((PRODUCTION / "config.json").read_text())["use_gen_pos_embed"] is True
 
 
 def test_sharded_release_round_trips_bit_for_bit(model_dir, tmp_path):
@@ -155,7 +152,7 @@ def test_text_to_image_with_gen_pos_embed_first_row_matches_official(sampler):
 
 
 def _call(name):
-  return json.loads((PROD / "run_meta.json").read_text())["calls"][name]
+  return json.loads((PRODUCTION / "run_meta.json").read_text())["calls"][name]
 
 
 def _options(call, **kw):

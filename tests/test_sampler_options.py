@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nextstep_jax.convert.nextstep import convert_nextstep
 from nextstep_jax.images import save_png
 from nextstep_jax.sampling import flow
 from nextstep_jax.sampling.pipeline import Options, Sampler
 
 from conftest import ROOT, subprocess_env
 
-PROD = Path(__file__).resolve().parent / "fixtures" / "production"
 RNG = np.random.default_rng(0)
 W = (RNG.standard_normal((8, 8)) / 3).astype(np.float32)
 B = RNG.standard_normal(8).astype(np.float32)
@@ -106,10 +104,8 @@ def test_cfg_schedules_per_token():
 # ------------------------------------------------------------------------------------------- sampler / CLI
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("options") / "model"
-  convert_nextstep(PROD, out)
-  return out
+def model_dir(production_model_dir):
+  return production_model_dir
 
 
 @pytest.fixture(scope="module")

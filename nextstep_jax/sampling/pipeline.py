@@ -122,7 +122,7 @@ class Sampler:
       abstract, names = quant.quantized_abstract(abstract, names, stored.get("include_head", False))
     mesh = mesh or sharding.mesh_from_shape((1, 1, 1), jax.devices()[:1])
     shardings = sharding.tree_shardings(names, abstract, mesh)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    target = sharding.abstract_sharded(abstract, shardings)
     params = params_io.load_params(model_dir / "params", target)
     if quantize and not stored:
       params = quant.quantize_params(params)

@@ -45,7 +45,7 @@ class TrainResult:
   last_metrics: dict[str, float]
 
 
-def export_model(workdir: str, state_params: Any, config, step: int) -> Path:
+def export_model(workdir: str, state_params: Any, config, run: TrainConfig, step: int) -> Path:
   """Params-only model dir at WORKDIR/export (atomic rename), with the VAE and tokenizer of `vae_from`.
   Called by every process of a multi-host job (a collective params save); process 0 writes the rest."""
   out = Path(workdir) / "export"
@@ -57,7 +57,7 @@ def export_model(workdir: str, state_params: Any, config, step: int) -> Path:
   if jax.process_index() != 0:
     return out
   sections = {"model": ModelConfig.from_dict(config.model), "train": {"step": step}}
-  src = TrainConfig.from_config(config.train).vae_from
+  src = run.vae_from
   if src and Path(src, "vae_params").exists():
     sections["vae"] = params_io.read_model_config(src)["vae"]
     shutil.copytree(Path(src, "vae_params"), tmp / "vae_params")
@@ -157,7 +157,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
   guard.check(ckpt, writer, final=True)
   ckpt.close()
   if run.export and step == run.steps and not preempted:
-    exported = export_model(workdir, model_params(state.params, state.opt_state), config, step)
+    exported = export_model(workdir, model_params(state.params, state.opt_state), config, run, step)
     if is_main:
       print(f"exported params to {exported}", flush=True)
   writer.close()

@@ -27,7 +27,6 @@ from benchmarks.sample_bench import BENCH  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
 
 from nextstep_jax import sharding  # noqa: E402
 from nextstep_jax.config import ModelConfig  # noqa: E402

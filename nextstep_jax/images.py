@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 Array = Any  # numpy or jax array
 
@@ -18,8 +19,6 @@ Array = Any  # numpy or jax array
 def load_image(path: str | os.PathLike, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
   """Reads an image file → (H, W, 3) uint8 RGB. Transparency is composited over `background`; greyscale,
   palette and CMYK images are converted. A missing or unreadable file raises a one-line error naming it."""
-  from PIL import Image, UnidentifiedImageError
-
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"image file {path} does not exist")
@@ -51,8 +50,6 @@ def to_uint8(x: Array) -> Array:
 
 def resize_center_crop(img_HxWx3: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
   """Scales (bicubic) so the image covers `size` = (height, width) (or a square side), then crops the center."""
-  from PIL import Image
-
   th, tw = (size, size) if isinstance(size, int) else tuple(size)
   h, w = img_HxWx3.shape[:2]
   if (h, w) == (th, tw):
@@ -66,8 +63,6 @@ def resize_center_crop(img_HxWx3: np.ndarray, size: int | tuple[int, int]) -> np
 
 def save_png(path: str | os.PathLike, img: np.ndarray) -> Path:
   """Writes an (H, W, 3) or (H, W) uint8 array (floats in [-1, 1] are converted with `to_uint8`) as PNG."""
-  from PIL import Image
-
   arr = np.asarray(img)
   if arr.dtype != np.uint8:
     arr = to_uint8(arr)

@@ -12,6 +12,7 @@ directory is reported in one line naming the file (`DamagedCheckpointError`), ne
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -168,7 +169,6 @@ def load_leaf(path: str | os.PathLike, key: tuple[str, ...]) -> np.ndarray:
 def write_model_config(model_dir: str | os.PathLike, sections: dict[str, Any]) -> None:
   """Writes/updates `nextstep_config.json` ({"model": {...}, "vae": {...}, ...}); given sections replace existing
   ones, others are kept. Dataclasses are converted."""
-  import dataclasses
   model_dir = resolve_path(model_dir)
   model_dir.mkdir(parents=True, exist_ok=True)
   existing = read_model_config(model_dir) if (model_dir / CONFIG_NAME).is_file() else {}

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from nextstep_jax.errors import UserError, os_reason
 
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # the repo's experiment files
+
 
 def is_url(path: str | os.PathLike) -> bool:
   return "://" in str(path)

@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -89,8 +90,6 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mesh:
 
   `devices` defaults to `jax.devices()`; pass compile-only TPU devices for AOT.
   """
-  from jax.experimental import mesh_utils
-
   devices = list(jax.devices() if devices is None else devices)
   get = (lambda k, d: mesh_cfg.get(k, d)) if hasattr(mesh_cfg, "get") else (lambda k, d: getattr(mesh_cfg, k, d))
   dcn = [int(get(f"dcn_{a}", 1)) for a in MESH_AXES]
@@ -114,11 +113,7 @@ def _num_slices(devices: Sequence[Any]) -> int:
 
 
 def _mesh(device_array: np.ndarray) -> Mesh:
-  try:
-    from jax.sharding import AxisType
-    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-  except ImportError:  # older jax
-    return Mesh(device_array, MESH_AXES)
+  return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def mesh_from_shape(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+
+from jax.experimental import topologies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +56,9 @@ def pod_type(name: str) -> PodType:
 
 def topology_devices(name: str, num_slices: int = 1) -> tuple[PodType, list]:
   """Compile-only devices for `num_slices` slices of pod `name` (needs the `tpu` extra: libtpu)."""
-  import os
   # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when it loads; compile-only devices need no exclusive
   # TPU access, so let several compiling processes (other users, pytest-xdist workers) load it at once
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies
   pod = pod_type(name)
   try:
     topo = topologies.get_topology_desc(platform="tpu", topology_name=pod.topology, chip_config_name=pod.chip_config,

@@ -6,7 +6,6 @@ that existing model directories are byte-identical afterwards.
 Subprocess runs cost seconds each here, so one subprocess (`_drive`) runs many `cli.main([...])` calls in its
 working directory (a tmp dir: every path is relative) and reports each call's exit code and output.
 """
-import hashlib
 import json
 import os
 import resource

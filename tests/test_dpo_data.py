@@ -2,7 +2,6 @@
 scorer, import of (prompt, chosen, rejected) files, the ns_prefs → DPO batch pipeline (layout, skipped records,
 checkpointed position), the `data prefs` CLI and a DPO stage run through `train` (resume rebuilds the reference)."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from flax import traverse_util

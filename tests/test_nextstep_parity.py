@@ -3,15 +3,12 @@ the fixture's release-layout files through our converter."""
 import dataclasses
 import os
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from nextstep_jax import params_io
-from nextstep_jax.config import ModelConfig
 from nextstep_jax.convert.nextstep import convert_nextstep, export_nextstep
 from nextstep_jax.models.fm_head import timestep_features
 from nextstep_jax.models.nextstep import NextStep, combine_losses, loss_counts

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from nextstep_jax import params_io
-from nextstep_jax.config import VAEConfig
 from nextstep_jax.convert.nextstep import convert_nextstep
 from nextstep_jax.models.flux_vae import decode_latents
 from nextstep_jax.models.layers import parameter_free_layer_norm

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 
+from nextstep_jax.demo import DEFAULT_CONFIG
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-  from nextstep_jax.demo.run import DEFAULT_CONFIG
   p = sub.add_parser("demo", help="train a small NextStep on the CPU end to end, sample and score it (resumable)")
   p.add_argument("--workdir", required=True, help="all outputs (dataset, VAE, checkpoints, samples, report.md)")
   p.add_argument("--config", default=DEFAULT_CONFIG,

@@ -11,11 +11,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
+
 from nextstep_jax.config import ConfigError, ModelConfig
 from nextstep_jax.convert.model_dir import export_checkpoint, import_checkpoint
 from nextstep_jax.convert.qwen import _read_json, abstract_shapes, backbone_fields_from_hf, backbone_rules
 from nextstep_jax.convert.safetensors_io import SafetensorsReader
 from nextstep_jax.convert.table import Rule, parse_dtype
+from nextstep_jax.convert.vae import convert_vae, export_vae_bfl
+from nextstep_jax.models.nextstep import NextStep, sincos_2d_table
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json")
@@ -110,8 +115,6 @@ def release_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
 
 
 def nextstep_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  import jax.numpy as jnp
-  from nextstep_jax.models.nextstep import NextStep
   return abstract_shapes(NextStep(cfg), jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 1, cfg.token_dim), jnp.float32))
 
 
@@ -127,7 +130,6 @@ def convert_nextstep(src: str | Path, dst: str | Path, dtype: str | None = None,
                     {"format": "nextstep_release", "path": str(src), "gen_pos_embed": "gen_pos_embed" in reader},
                     dtype=dtype, ignore=IGNORED, what=f"NextStep checkpoint {src}", overwrite=overwrite)
   if with_vae and (src / "vae").is_dir():
-    from nextstep_jax.convert.vae import convert_vae
     convert_vae(src / "vae", dst, layout="nextstep", dtype=dtype, overwrite=overwrite)
   tok_dir = dst / "tokenizer"
   for name in TOKENIZER_FILES:
@@ -139,8 +141,6 @@ def convert_nextstep(src: str | Path, dst: str | Path, dtype: str | None = None,
 
 def _gen_pos_embed(cfg: ModelConfig, meta: dict, np_dtype):
   """The release layout's fixed `gen_pos_embed` buffer (recomputed bit-exactly; kept when the source had it)."""
-  import numpy as np
-  from nextstep_jax.models.nextstep import sincos_2d_table
   if meta.get("source", {}).get("gen_pos_embed", True):
     yield "gen_pos_embed", sincos_2d_table(cfg.hidden_size, cfg.base_image_grid_size)[None].astype(
         np_dtype or np.float32)
@@ -153,7 +153,6 @@ def export_nextstep(model_dir: str | Path, dst: str | Path, dtype: str | None = 
   cfg, _, dtype, files = export_checkpoint(model_dir, dst, nextstep_rules, dtype, max_shard_bytes, _gen_pos_embed)
   (dst / "config.json").write_text(json.dumps(release_config_from_model(cfg, dtype), indent=2))
   if (model_dir / "vae_params").is_dir():
-    from nextstep_jax.convert.vae import export_vae_bfl
     (dst / "vae").mkdir(parents=True, exist_ok=True)
     export_vae_bfl(model_dir, dst / "vae" / "model.safetensors", write_config=True)
   if (model_dir / "tokenizer").is_dir():

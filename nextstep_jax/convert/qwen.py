@@ -5,15 +5,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
-from nextstep_jax import params_io
 from nextstep_jax.config import ConfigError, ModelConfig
+from nextstep_jax.convert.model_dir import export_checkpoint, import_checkpoint
 from nextstep_jax.convert.safetensors_io import SafetensorsReader
 from nextstep_jax.convert.table import Rule, parse_dtype
+from nextstep_jax.models.qwen2 import Qwen2ForCausalLM
 
 
 def backbone_rules(cfg: ModelConfig, prefix: str = "model.", lm_head: str | None = "lm_head.weight") -> list[Rule]:
@@ -94,13 +95,11 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
 
 def abstract_shapes(model, *dummy_inputs) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flat {param path: shape} of a Linen model via eval_shape (nothing allocated)."""
-  import flax.linen as nn
   tree = nn.unbox(jax.eval_shape(lambda r: model.init(r, *dummy_inputs), jax.random.key(0)))
   return {k: v.shape for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def qwen_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  from nextstep_jax.models.qwen2 import Qwen2ForCausalLM
   return abstract_shapes(Qwen2ForCausalLM(cfg), jnp.zeros((1, 1), jnp.int32))
 
 
@@ -115,7 +114,6 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 def convert_qwen(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False) -> ModelConfig:
   """HF Qwen2 directory → our model directory (`nextstep_config.json` + Orbax `params/`), one tensor at a time."""
-  from nextstep_jax.convert.model_dir import import_checkpoint
   src, dst = Path(src), Path(dst)
   np_dtype = parse_dtype(dtype)
   cfg = model_config_from_hf(_read_json(src / "config.json", "HF config.json"),
@@ -130,7 +128,6 @@ def convert_qwen(src: str | Path, dst: str | Path, dtype: str | None = None, ove
 def export_qwen(model_dir: str | Path, dst: str | Path, dtype: str | None = None,
                 max_shard_bytes: int = 4 << 30) -> list[Path]:
   """Our model directory → HF Qwen2 safetensors + config.json (reads one parameter at a time)."""
-  from nextstep_jax.convert.model_dir import export_checkpoint
   dst = Path(dst)
   cfg, _, dtype, files = export_checkpoint(Path(model_dir), dst, backbone_rules, dtype, max_shard_bytes)
   (dst / "config.json").write_text(json.dumps(hf_config_from_model(cfg, dtype), indent=2))

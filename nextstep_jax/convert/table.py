@@ -17,6 +17,7 @@ import math
 import re
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
 Path = tuple[str, ...]
@@ -34,7 +35,6 @@ def parse_dtype(name: str | None) -> np.dtype | None:
     return None
   if name not in DTYPE_NAMES:
     raise ConversionError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16")
-  import ml_dtypes
   d = DTYPE_NAMES[name]
   return np.dtype(ml_dtypes.bfloat16) if d == "bfloat16" else np.dtype(d)
 

@@ -25,14 +25,18 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from nextstep_jax import params_io
 from nextstep_jax.config import ConfigError, VAEConfig, flux_vae
 from nextstep_jax.convert.qwen import _read_json, abstract_shapes
 from nextstep_jax.convert.safetensors_io import SafetensorsReader
 from nextstep_jax.convert.table import ConversionError, Rule, check, export_tensors, import_leaves, parse_dtype
+from nextstep_jax.models.flux_vae import FluxVAE, image_multiple
 from nextstep_jax.paths import resolve_path
 
 LAYOUTS = ("auto", "bfl", "nextstep", "diffusers")
@@ -136,7 +140,6 @@ def vae_rules(cfg: VAEConfig, layout: str) -> list[Rule]:
 
 def vae_shapes(cfg: VAEConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flat {param path: shape} of `FluxVAE(cfg)` (nothing allocated)."""
-  from nextstep_jax.models.flux_vae import FluxVAE, image_multiple
   m = image_multiple(cfg)
   return abstract_shapes(FluxVAE(cfg), jnp.zeros((1, m, m, cfg.in_channels), jnp.float32))
 
@@ -241,7 +244,6 @@ class TorchStateReader:
   def get(self, key: str) -> np.ndarray:
     t = self._sd[key].detach()
     if t.dtype == self._torch.bfloat16:
-      import ml_dtypes
       return t.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
 
@@ -260,7 +262,6 @@ def _open_reader(path: Path) -> Any:
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
-  from safetensors import safe_open
   if path.suffix != ".safetensors":
     return {}
   with safe_open(path, framework="np") as h:
@@ -348,8 +349,6 @@ def export_vae_bfl(model_dir: str | Path, dst_file: str | Path, dtype: str | Non
 
   `write_config=True` also writes the NextStep `config.json` beside it (a release `vae/` folder).
   """
-  from safetensors.numpy import save_file
-
   dst_file = resolve_path(dst_file)
   if dst_file.exists() and not overwrite:
     raise FileExistsError(f"{dst_file} already exists; choose a new destination or pass --overwrite")

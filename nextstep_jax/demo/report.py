@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from nextstep_jax.images import make_grid, save_png
 
@@ -43,8 +44,6 @@ def _nice_ticks(lo: float, hi: float, log: bool) -> list[float]:
 def line_panel(title: str, series: dict[str, tuple[Sequence[float], Sequence[float]]], log_y: bool = True,
                size: tuple[int, int] = (460, 300)) -> np.ndarray:
   """One plot (uint8 HxWx3): a line per series {label: (steps, values)}, log-scale y by default."""
-  from PIL import Image, ImageDraw, ImageFont
-
   w, h = size
   img = Image.new("RGB", (w, h), "white")
   d = ImageDraw.Draw(img)

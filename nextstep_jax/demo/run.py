@@ -18,14 +18,31 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shlex
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import flax.linen as nn
+import jax
 import numpy as np
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "demo" / "stage1.py")
+from nextstep_jax.config import ModelConfig, VAEConfig, apply_overrides, load_config, to_json
+from nextstep_jax.data.builders import build_dataset
+from nextstep_jax.data.latent_cache import encode_with_model
+from nextstep_jax.data.shapes import held_out_scenes, render
+from nextstep_jax.demo import DEFAULT_CONFIG, report
+from nextstep_jax.demo.vae import load_images, save_vae_model, train_vae
+from nextstep_jax.eval.shapes_scorer import score_batch, score_image
+from nextstep_jax.images import to_float, to_uint8
+from nextstep_jax.models.flux_vae import decode_latents, encode_latents
+from nextstep_jax.models.nextstep import init_fn
+from nextstep_jax.params_io import param_metadata
+from nextstep_jax.sampling.pipeline import Options, Sampler
+from nextstep_jax.train.loop import train
+from nextstep_jax.train.metrics import read_history
+
 PHASES = (("data", "shapes dataset (`data build`)"), ("vae", "VAE training"), ("encode", "latent cache (`data encode`)"),
           ("train", "NextStep training (`train`)"), ("sample", "sampling"), ("score", "scoring"), ("report", "report"))
 IMAGE_SETS = (("ground_truth", "ground-truth renders"), ("reconstruction", "VAE reconstructions of the renders"),
@@ -88,7 +105,6 @@ class _Timings:
 
 def _cpu_seconds() -> float:
   """User + system CPU time of this process (all threads) and its finished children."""
-  import resource
   return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
@@ -114,8 +130,6 @@ def train_command(config_path: str, workdir: Path, overrides: Sequence[str]) -> 
 
 def run_demo(workdir: str | os.PathLike, config_path: str | None = None, overrides: Sequence[str] = ()) -> dict:
   """Runs (or resumes) the demo in `workdir`; returns the scores (`scores.json`)."""
-  from nextstep_jax.config import apply_overrides, load_config, to_json
-
   config_path = config_path or DEFAULT_CONFIG
   paths = DemoPaths(Path(workdir).resolve())
   cfg = load_config(config_path, overrides)
@@ -135,21 +149,17 @@ def run_demo(workdir: str | os.PathLike, config_path: str | None = None, overrid
   with timings.phase(1, "data", _dataset_done(paths.shapes, "ns_shapes"),
                      f"{d.num_examples} shapes images at {d.image_size}×{d.image_size}") as run:
     if run:
-      from nextstep_jax.data.builders import build_dataset
       build_dataset("shapes", paths.shapes, num=d.num_examples, size=d.image_size, seed=d.data_seed, overwrite=True)
 
   with timings.phase(2, "vae", _model_dir_done(paths.vae, "vae_params", "tokenizer"),
                      f"Flux-architecture VAE from random init, {d.vae_steps} steps") as run:
     if run:
-      from nextstep_jax.config import VAEConfig
-      from nextstep_jax.demo.vae import load_images, save_vae_model, train_vae
       vae_cfg = VAEConfig.from_dict(cfg.vae)
       params = train_vae(vae_cfg, load_images(paths.shapes), paths.vae_train, d)
       save_vae_model(paths.vae, vae_cfg, params, d.vae_steps, tokenizer=d.get("tokenizer", "bytes"))
 
   with timings.phase(3, "encode", _dataset_done(paths.latents, "ns_latent_t2i"), "cache the VAE latents") as run:
     if run:
-      from nextstep_jax.data.latent_cache import encode_with_model
       _, counts = encode_with_model(paths.shapes, paths.latents, paths.vae, batch_size=d.encode_batch,
                                     resolution=d.image_size, buckets="fixed", overwrite=True)
       _log(f"encoded {counts.get('encoded', 0)} images")
@@ -157,7 +167,6 @@ def run_demo(workdir: str | os.PathLike, config_path: str | None = None, overrid
   with timings.phase(4, "train", _export_done(paths, cfg.train.steps),
                      f"NextStep, {cfg.train.steps} steps of {cfg.data.global_batch_size}") as run:
     if run:
-      from nextstep_jax.train.loop import train
       _log("same as: " + train_command(config_path, paths.train, stage_overrides))
       result = train(cfg, str(paths.train))
       if result.preempted:
@@ -185,7 +194,6 @@ def run_demo(workdir: str | os.PathLike, config_path: str | None = None, overrid
 def _enable_compilation_cache(default_dir: Path) -> None:
   """JAX's persistent compilation cache (WORKDIR/jax_cache unless one is configured): a resumed demo, and the
   untrained-model sampler (same program as the trained one), skip XLA compilation."""
-  import jax
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", str(default_dir))
 
@@ -194,7 +202,6 @@ def _enable_compilation_cache(default_dir: Path) -> None:
 
 
 def sampling_options(cfg) -> Any:
-  from nextstep_jax.sampling.pipeline import Options
   s, size = cfg.demo.sample, cfg.demo.image_size
   return Options(height=size, width=size, cfg=s.cfg, steps=s.steps, method=s.method, shift=s.shift,
                  use_norm=s.use_norm, cfg_schedule=s.cfg_schedule, seed=s.seed, positive_prompt=None,
@@ -203,24 +210,12 @@ def sampling_options(cfg) -> Any:
 
 def untrained_params(cfg) -> Any:
   """The parameters `train()` starts from (same init function and key): the model after zero steps."""
-  import flax.linen as nn
-  import jax
-
-  from nextstep_jax.config import ModelConfig
-  from nextstep_jax.models.nextstep import init_fn
   _, init = init_fn(ModelConfig.from_dict(cfg.model))
   return nn.unbox(jax.jit(init)(jax.random.fold_in(jax.random.key(cfg.train.seed), 1)))
 
 
 def sample_all(cfg, paths: DemoPaths) -> None:
   """samples.npz: prompts and uint8 images of every image set (IMAGE_SETS), one per held-out prompt."""
-  import jax
-
-  from nextstep_jax.data.shapes import held_out_scenes, render
-  from nextstep_jax.images import to_float, to_uint8
-  from nextstep_jax.models.flux_vae import decode_latents, encode_latents
-  from nextstep_jax.sampling.pipeline import Sampler
-
   d = cfg.demo
   scenes = held_out_scenes(d.eval_prompts, d.eval_seed)
   prompts = [s.caption for s in scenes]
@@ -248,7 +243,6 @@ def sample_all(cfg, paths: DemoPaths) -> None:
 
 def score_all(paths: DemoPaths) -> dict:
   """scores.json: `score_batch` of every image set, plus the per-image verdicts of the trained model."""
-  from nextstep_jax.eval.shapes_scorer import score_batch, score_image
   data = np.load(paths.samples)
   prompts = [str(p) for p in data["prompts"]]
   scores = {name: score_batch(data[name], prompts) for name, _ in IMAGE_SETS if name in data.files}
@@ -262,9 +256,6 @@ def score_all(paths: DemoPaths) -> dict:
 
 
 def write_report(cfg, paths: DemoPaths, state: dict, config_path: str) -> Path:
-  from nextstep_jax.demo import report
-  from nextstep_jax.train.metrics import read_history
-
   d = cfg.demo
   data = np.load(paths.samples)
   scores = json.loads(paths.scores.read_text())
@@ -323,5 +314,4 @@ def write_report(cfg, paths: DemoPaths, state: dict, config_path: str) -> Path:
 
 
 def _param_count(model_dir: Path) -> int:
-  from nextstep_jax.params_io import param_metadata
   return sum(int(np.prod(shape)) for shape, _ in param_metadata(model_dir / "params").values())

@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from nextstep_jax.data.shapes import COLORS, KINDS, RELATIONS
+from nextstep_jax.tokens import make_byte_tokenizer
+
 WORD_VOCAB_SIZE = 336  # >= the tokenizer's 328 tokens (model embedding rows; a multiple of 16)
 
 
 def shapes_words() -> list[str]:
   """Every word of the shapes world, as the byte-level pre-tokenizer sees it: "a" at the start, " word" after."""
-  from nextstep_jax.data.shapes import COLORS, KINDS, RELATIONS
   words = sorted({"a", *COLORS, *KINDS, *" ".join(RELATIONS).split()})
   return ["a"] + [" " + w for w in words]
 
@@ -26,7 +28,6 @@ def make_shapes_tokenizer(out_dir: str | os.PathLike, words: list[str] | None = 
   """Writes the byte tokenizer with one extra merged token per word (and its prefixes) into `out_dir`."""
   from tokenizers import Tokenizer
 
-  from nextstep_jax.tokens import make_byte_tokenizer
   path = make_byte_tokenizer(out_dir, shapes_words() if words is None else words)
   size = Tokenizer.from_file(str(Path(path) / "tokenizer.json")).get_vocab_size()
   if size > WORD_VOCAB_SIZE:

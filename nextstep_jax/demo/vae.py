@@ -13,16 +13,28 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import traverse_util
+from tqdm.auto import tqdm
 
+from nextstep_jax import params_io
+from nextstep_jax.checkpoint import Checkpointer
 from nextstep_jax.config import VAEConfig
+from nextstep_jax.data.builders import TfdsSource
+from nextstep_jax.data.records import decode_image
+from nextstep_jax.demo.text import make_shapes_tokenizer
+from nextstep_jax.images import to_float
+from nextstep_jax.models.flux_vae import init_params
+from nextstep_jax.tokens import make_byte_tokenizer
+from nextstep_jax.train.metrics import MetricWriter
+from nextstep_jax.train.vae_train import ReconLoss, make_train_step
 
 
 def load_images(dataset_dir: str | Path) -> np.ndarray:
   """All images of an image dataset (`data build` output) as uint8 (N, H, W, 3)."""
-  from nextstep_jax.data.builders import TfdsSource
-  from nextstep_jax.data.records import decode_image
-
   src = TfdsSource(dataset_dir)
   return np.stack([decode_image(src[i]["image"]) for i in range(len(src))])
 
@@ -30,7 +42,6 @@ def load_images(dataset_dir: str | Path) -> np.ndarray:
 def zero_init_residuals(params: Any) -> Any:
   """Zeroes the last layer of every residual branch (ResnetBlock conv2, attention proj_out): each block starts
   as the identity, which makes training from random initialisation markedly faster (Goyal et al., 2017)."""
-  from flax import traverse_util
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({k: np.zeros_like(v) if {"conv2", "proj_out"} & set(k) else v
                                        for k, v in flat.items()})
@@ -38,17 +49,6 @@ def zero_init_residuals(params: Any) -> Any:
 
 def train_vae(cfg: VAEConfig, images_uint8: np.ndarray, workdir: str | Path, demo: Any) -> Any:
   """Trains (or resumes) `demo.vae_steps` steps; returns the `{"params": …}` tree. `demo` = `config.demo`."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from tqdm.auto import tqdm
-
-  from nextstep_jax.checkpoint import Checkpointer
-  from nextstep_jax.images import to_float
-  from nextstep_jax.models.flux_vae import init_params
-  from nextstep_jax.train.metrics import MetricWriter
-  from nextstep_jax.train.vae_train import ReconLoss, make_train_step
-
   steps = int(demo.vae_steps)
   warmup = min(int(demo.vae_warmup), steps - 1)
   schedule = optax.warmup_cosine_decay_schedule(0.0, demo.vae_lr, warmup, steps, demo.vae_lr * 0.05)
@@ -86,10 +86,6 @@ def train_vae(cfg: VAEConfig, images_uint8: np.ndarray, workdir: str | Path, dem
 def save_vae_model(out_dir: str | Path, cfg: VAEConfig, params: Any, steps: int, tokenizer: str = "bytes") -> Path:
   """Model directory with `vae_params/`, the "vae" config section and the tokenizer (atomic rename): "bytes"
   (`make_byte_tokenizer`) or "words" (the same plus one token per shapes-world word, `demo.text`)."""
-  from nextstep_jax import params_io
-  from nextstep_jax.demo.text import make_shapes_tokenizer
-  from nextstep_jax.tokens import make_byte_tokenizer
-
   out = Path(out_dir)
   tmp = out.with_name(out.name + ".tmp")
   shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from nextstep_jax import sharding
 
@@ -96,7 +97,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
 
   if mesh is None or mesh.size == 1:
     return per_device(q, k, v, valid).astype(q.dtype)
-  from jax.sharding import PartitionSpec as P
   qkv_spec = P(batch_spec, None, head_axis, None)
   fn = jax.shard_map(per_device, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch_spec, None)),
                      out_specs=qkv_spec, check_vma=False)

@@ -19,13 +19,18 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from nextstep_jax import params_io, sharding
 from nextstep_jax.config import ModelConfig, VAEConfig
 from nextstep_jax.models import quant
+from nextstep_jax.models.flux_vae import encode_latents
 from nextstep_jax.models.image_grid import check_grids_fit
+from nextstep_jax.models.latents import patchify, token_grid
+from nextstep_jax.models.nextstep import abstract_params
 from nextstep_jax.sampling import decode_layout, flow
 from nextstep_jax.sampling.generate import Spec, compiled_program
+from nextstep_jax.tokens import NextStepTokenizer, left_pad
 
 T2I_POSITIVE = "masterpiece, film grained, best quality."
 T2I_NEGATIVE = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, "
@@ -109,7 +114,6 @@ class Sampler:
     """Loads a model directory (`nextstep_config.json`, `params/`, `vae_params/`, `tokenizer/`). `quantize="int8"`
     samples with int8 dense kernels (`models/quant.py`): those stored by `convert --quantize int8`, else the float
     weights quantized on load."""
-    from nextstep_jax.models.nextstep import abstract_params
     model_dir = Path(model_dir)
     meta = params_io.read_model_config(model_dir)
     cfg = ModelConfig.from_dict(dict(meta["model"], **({"dtype": compute_dtype} if compute_dtype else {})))
@@ -135,14 +139,12 @@ class Sampler:
       vae_params = params_io.load_params(model_dir / "vae_params")
     tokenizer = None
     if (model_dir / "tokenizer").is_dir():
-      from nextstep_jax.tokens import NextStepTokenizer
       tokenizer = NextStepTokenizer(model_dir / "tokenizer").check_model_config(cfg)
     return cls(cfg, params, vae_cfg, vae_params, tokenizer, mesh, shardings)
 
   # ------------------------------------------------------------------------------------------- geometry
 
   def token_grid(self, height: int, width: int) -> tuple[int, int]:
-    from nextstep_jax.models.latents import token_grid
     if self.vae_cfg is None:
       raise ValueError("this checkpoint has no VAE (vae_params/); convert one with `nextstep-jax convert vae`")
     return token_grid(height, width, self.vae_cfg.downsample_factor, self.cfg.latent_patch_size)
@@ -171,8 +173,6 @@ class Sampler:
   def edit(self, caption: str, image_uint8: np.ndarray | None, opts: Options = Options(),
            noise_draws: np.ndarray | None = None) -> Result:
     """Editing: `caption` holds exactly one `<image>`; the source image is VAE-encoded into its placeholders."""
-    from nextstep_jax.models.flux_vae import encode_latents
-    from nextstep_jax.models.latents import patchify
     opts = opts.validate()
     if image_uint8 is None:
       raise ValueError("editing needs a source image (--image in.png); for text-to-image drop the <image> tag")
@@ -202,7 +202,6 @@ class Sampler:
 
   def _run(self, rows, *, src_rows, branches: int, num_images: int, grid: tuple[int, int], opts: Options,
            default_shift: float, noise_repeat: int, noise_draws) -> Result:
-    from nextstep_jax.tokens import left_pad
     gh, gw = grid
     ids, mask = left_pad(rows, self.cfg.pad_token_id, opts.buckets)
     self._check_length(ids.shape[1], gh * gw)
@@ -268,7 +267,6 @@ class _progress_bar:
 
   def __enter__(self):
     if self.spec.progress:
-      from tqdm import tqdm
       self.bar = tqdm(total=self.spec.num_tokens, desc="image tokens", unit="tok")
       self.relay.target = lambda k: self.bar.update(1)
     return self

@@ -23,7 +23,9 @@ import numpy as np
 
 from nextstep_jax import sharding
 from nextstep_jax.config import ModelConfig, VAEConfig
+from nextstep_jax.images import resize_center_crop
 from nextstep_jax.models.image_grid import check_grids_fit
+from nextstep_jax.models.latents import token_grid
 from nextstep_jax.sampling import flow
 from nextstep_jax.sampling.pipeline import EDIT_NEGATIVE, T2I_NEGATIVE, T2I_POSITIVE
 from nextstep_jax.serving import programs as P
@@ -103,7 +105,6 @@ class Engine:
 
   def __init__(self, cfg: ModelConfig, params: Any, vae_cfg: VAEConfig, vae_params: Any, tokenizer: Any,
                config: EngineConfig, mesh: jax.sharding.Mesh | None = None):
-    from nextstep_jax.models.latents import token_grid
     self.config = config = config.validate()
     if vae_cfg is None:
       raise ValueError("the engine needs a VAE (vae_params/) to encode sources and decode images")
@@ -196,7 +197,6 @@ class Engine:
                     src_branches)
 
   def _source_pixels(self, image: Any) -> np.ndarray:
-    from nextstep_jax.images import resize_center_crop
     if image is None:
       raise ValueError("an edit request needs a source image")
     img = np.asarray(image)

@@ -21,12 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nextstep_jax import sharding
 from nextstep_jax.config import ModelConfig, VAEConfig
+from nextstep_jax.models.flux_vae import encode_latents
+from nextstep_jax.models.latents import patchify
 from nextstep_jax.models.layers import parameter_free_layer_norm, to_dtype
 from nextstep_jax.models.nextstep import NextStep
 from nextstep_jax.models.qwen2 import CACHE_NAMES
 from nextstep_jax.sampling import flow
 from nextstep_jax.sampling.decode_layout import hidden, init_cache, unpack
+from nextstep_jax.sampling.generate import decode_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +94,6 @@ KEY_DATA_SHAPE = tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key
 
 def state_shardings(cfg: ModelConfig, spec: SlotSpec, mesh) -> SlotState:
   """NamedShardings of the state on `mesh` (the rule table: rows and slots over data/fsdp, KV heads over tensor)."""
-  from nextstep_jax import sharding
   shapes = jax.eval_shape(functools.partial(init_state, cfg, spec))
   names = _names(spec)
   flat_shapes, treedef = jax.tree.flatten(shapes)
@@ -121,8 +124,6 @@ def prefill(model: NextStep, vae_cfg: VAEConfig | None, spec: SlotSpec, params: 
   p_len = ids_BxP.shape[1]
   src = None
   if spec.src_tokens:
-    from nextstep_jax.models.flux_vae import encode_latents
-    from nextstep_jax.models.latents import patchify
     src_1xTxK = patchify(encode_latents(vae_params, vae_cfg, src_pixels), cfg.latent_patch_size)
     src = jnp.where(src_branches[:, None, None], src_1xTxK, 0.0)
   key_valid = jnp.concatenate([mask_BxP.astype(bool), jnp.ones((spec.branches, spec.cache_len - p_len), bool)], 1)
@@ -179,7 +180,6 @@ def step(model: NextStep, spec: SlotSpec, params: Any, state: SlotState, active_
 
 def decode(vae_cfg: VAEConfig, spec: SlotSpec, patch: int, vae_params: Any, tokens_DxNxK: jax.Array) -> jax.Array:
   """Finished token sets (D, n, K) → uint8 images (D, H, W, 3) (the sampler's VAE decode)."""
-  from nextstep_jax.sampling.generate import decode_tokens
   return decode_tokens(vae_params, vae_cfg, tokens_DxNxK, spec.grid_h, spec.grid_w, patch)["images"]
 
 

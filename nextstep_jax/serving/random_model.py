@@ -9,15 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from flax import linen as nn
 
 from nextstep_jax import params_io
 from nextstep_jax.config import ModelConfig, VAEConfig
+from nextstep_jax.models.flux_vae import init_params
+from nextstep_jax.models.nextstep import init_fn
 from nextstep_jax.tokens import make_byte_tokenizer
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> Any:
-  from nextstep_jax.models.nextstep import init_fn
-  from flax import linen as nn
   _, init = init_fn(cfg)
   params = nn.unbox(jax.jit(init)(jax.random.key(seed)))
   return jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(seed + 1), p.shape, p.dtype), params)
@@ -25,7 +26,6 @@ def random_params(cfg: ModelConfig, seed: int = 0) -> Any:
 
 def write_random_model_dir(out: str | Path, model: dict, vae: dict, seed: int = 0) -> Path:
   """Writes `out/` (nextstep_config.json, params/, vae_params/, tokenizer/) and returns its path."""
-  from nextstep_jax.models.flux_vae import init_params
   out = Path(out)
   cfg, vcfg = ModelConfig.from_dict(model).validate(), VAEConfig.from_dict(vae).validate()
   params_io.save_params(out / "params", random_params(cfg, seed))

@@ -22,10 +22,13 @@ import time
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from nextstep_jax.images import load_image
 from nextstep_jax.serving.payloads import Limits, parse
 from nextstep_jax.serving.scheduler import QueueFull, Scheduler, ShuttingDown
 
@@ -40,7 +43,6 @@ def error(status: int, message: str, kind: str = "invalid_request_error", header
 
 
 def png_b64(image_HxWx3: np.ndarray) -> str:
-  from PIL import Image
   buf = io.BytesIO()
   Image.fromarray(np.asarray(image_HxWx3, np.uint8)).save(buf, format="PNG")
   return base64.b64encode(buf.getvalue()).decode()
@@ -67,7 +69,6 @@ def build_app(scheduler: Scheduler, limits: Limits, request_timeout_s: float, me
 
   @app.get("/metrics")
   async def prometheus():
-    from prometheus_client import CONTENT_TYPE_LATEST
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
   @app.post("/v1/images/generations")
@@ -145,7 +146,6 @@ async def _disconnected(request: HttpRequest) -> None:
 
 
 def _decode_image(data: bytes) -> np.ndarray:
-  from nextstep_jax.images import load_image
   with tempfile.NamedTemporaryFile(suffix=".img", delete=False) as f:
     f.write(data)
   try:

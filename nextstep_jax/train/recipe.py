@@ -17,6 +17,7 @@ import ml_collections
 
 from nextstep_jax.config import experiment, flux_vae, load_config, mesh_section, nextstep1_14b, tiny, tiny_vae
 from nextstep_jax.data.config import default_data_config
+from nextstep_jax.paths import CONFIGS_DIR
 from nextstep_jax.train.config import train_section
 
 STAGES = ("stage1_256px", "stage2_512px", "anneal_512px", "sft", "edit", "dpo")
@@ -24,7 +25,6 @@ PREVIOUS = {"stage1_256px": None, "stage2_512px": "stage1_256px", "anneal_512px"
             "sft": "anneal_512px", "edit": "anneal_512px", "dpo": "sft"}
 ROOT = "gs://YOUR_BUCKET/nextstep1"  # placeholder bucket the user overrides
 CONFIG_DIRS = {"14b": "nextstep1_14b", "tiny": "tiny"}
-_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def stage_file(stage: str, scale: str = "14b") -> Path:
@@ -33,7 +33,7 @@ def stage_file(stage: str, scale: str = "14b") -> Path:
     raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
   if scale not in CONFIG_DIRS:
     raise ValueError(f"unknown scale {scale!r}; one of {sorted(CONFIG_DIRS)} (demo configs live in configs/demo/)")
-  return _CONFIGS / CONFIG_DIRS[scale] / f"{stage}.py"
+  return CONFIGS_DIR / CONFIG_DIRS[scale] / f"{stage}.py"
 
 
 def stage_config(stage: str, scale: str = "14b") -> ml_collections.ConfigDict:

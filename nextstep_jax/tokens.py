@@ -319,6 +319,17 @@ def load_tokenizer(path: str | os.PathLike) -> NextStepTokenizer:
     return _cached_tokenizer(str(path))
 
 
+def vocab_id(path: str | os.PathLike, token: str) -> int | None:
+  """The id of `token` in the tokenizer at `path` as `transformers` loads it (tokenizer_config.json's added tokens
+  win over tokenizer.json's), or None when `path` holds no tokenizer or the token is absent. Conversion reads
+  special ids this way so that the model config and the loaded tokenizer cannot disagree."""
+  from transformers import AutoTokenizer
+  if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    return None
+  with _LOAD_LOCK:
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True).get_vocab().get(token)
+
+
 # ----------------------------------------------------------------------------------------------- padding
 
 

@@ -1,6 +1,9 @@
 """Paths real runs take that the tiny defaults skip: the scanned (TPU-default) sampler sharded over (2, 2, 2),
-remat policies (same loss and gradients as none) and the parameter EMA recomputed by hand."""
+remat policies (same loss and gradients as none), the parameter EMA recomputed by hand, and `<|image_area|>`
+read from the tokenizer when its id differs from the pad + 1 fallback."""
 import dataclasses
+import json
+import shutil
 
 import jax
 import numpy as np
@@ -9,10 +12,12 @@ import pytest
 from conftest import PRODUCTION
 from nextstep_jax import params_io, sharding
 from nextstep_jax.config import REMAT_POLICIES
+from nextstep_jax.convert.nextstep import convert_nextstep
 from nextstep_jax.models.nextstep import abstract_params
 from nextstep_jax.sampling.pipeline import Options, Sampler
 from nextstep_jax.train.optimizer import make_optimizer, model_params
 from nextstep_jax.train.step import loss_and_grads
+from nextstep_jax.tokens import load_tokenizer
 from nextstep_jax.train.synthetic import synthetic_batch
 from sharding_harness import max_relative_error
 from train_utils import TINY, random_params, train_cfg
@@ -110,3 +115,40 @@ def test_encode_on_the_fly_gives_the_official_latent_tokens(model_dir):
   assert float(np.abs(np.asarray(got["image_tokens"]) - want).max()) <= 1e-4 and "pixel_values" not in got
   u = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
   np.testing.assert_allclose(to_float(u), (u / 255.0 - 0.5) / 0.5, atol=1e-6)
+
+
+def _release_with_area_id(tmp_path, area_id: int, update_ids: bool):
+  """The production release with `<|image_area|>` and `<|end_of_thinking|>` swapped in tokenizer.json's added-token
+  list (the tokenizer numbers added tokens by their order); `update_ids` also swaps the files' `id` fields."""
+  src = tmp_path / "release"
+  shutil.copytree(PRODUCTION, src, ignore=shutil.ignore_patterns("*.npz"))
+  pad = json.loads((src / "config.json").read_text())["pad_token_id_added"]
+  tok = json.loads((src / "tokenizer.json").read_text())
+  added = tok["added_tokens"]
+  i, j = (next(k for k, t in enumerate(added) if t["content"] == c) for c in ("<|image_area|>", "<|end_of_thinking|>"))
+  assert (added[i]["id"], added[j]["id"]) == (pad + 1, area_id)
+  added[i], added[j] = added[j], added[i]
+  if update_ids:
+    added[i]["id"], added[j]["id"] = pad + 1, area_id
+    tc = json.loads((src / "tokenizer_config.json").read_text())
+    dec = tc["added_tokens_decoder"]
+    dec[str(area_id)], dec[str(pad + 1)] = dec[str(pad + 1)], dec[str(area_id)]
+    (src / "tokenizer_config.json").write_text(json.dumps(tc))
+  (src / "tokenizer.json").write_text(json.dumps(tok))
+  return src, pad
+
+
+@pytest.mark.parametrize("update_ids", [True, False], ids=["consistent", "stale_id_fields"])
+def test_image_area_id_read_as_the_tokenizer_loads_it(tmp_path, update_ids):
+  """A release whose `<|image_area|>` is not pad + 1: the converted config holds the id the loaded tokenizer gives
+  it (also when the files' `id` fields disagree with the token order the tokenizer goes by), so the sampler
+  accepts the model and its prompts end in that id + "4*4" + boi."""
+  src, pad = _release_with_area_id(tmp_path, 267, update_ids)
+  cfg = convert_nextstep(src, tmp_path / "model")
+  assert cfg.image_area_id == 267 == load_tokenizer(tmp_path / "model" / "tokenizer").image_area_id
+  sampler = Sampler.from_checkpoint(tmp_path / "model")
+  out = sampler.text_to_image(["a"], Options(height=16, width=16, steps=2, cfg=1.0, positive_prompt=None,
+                                             buckets=(16,), decode=False))
+  ids = list(out.extras["prompt_ids"][0])
+  assert ids[-5:] == [267, ord("4"), ord("*"), ord("4"), cfg.boi_id]
+  assert pad + 1 not in ids

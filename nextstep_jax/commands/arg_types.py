@@ -37,3 +37,12 @@ NON_NEGATIVE_INT = number(int, lo=0)
 GUIDANCE = number(float, lo=1)  # classifier-free guidance scale (1 disables)
 POSITIVE = number(float, lo=0, open_lo=True)
 FRACTION = number(float, lo=0, hi=1)
+
+
+def image_size(text: str) -> tuple[int, int]:
+  """`--size 512x768` → (height, width)."""
+  try:
+    h, w = (int(x) for x in text.lower().split("x"))
+  except ValueError:
+    raise ValueError(f"--size {text!r} must look like 512x512 (HEIGHTxWIDTH)") from None
+  return h, w

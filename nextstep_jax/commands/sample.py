@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nextstep_jax.commands.arg_types import COUNT, GUIDANCE, NON_NEGATIVE_INT, POSITIVE
+from nextstep_jax.commands.arg_types import COUNT, GUIDANCE, NON_NEGATIVE_INT, POSITIVE, image_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,14 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.set_defaults(func=run)
 
 
-def _size(text: str) -> tuple[int, int]:
-  try:
-    h, w = (int(x) for x in text.lower().split("x"))
-  except ValueError:
-    raise ValueError(f"--size {text!r} must look like 512x512 (HEIGHTxWIDTH)") from None
-  return h, w
-
-
 def _floats(flag: str, text: str | None, n: int | None, kind=float):
   if text is None:
     return None
@@ -71,7 +63,7 @@ def run(args) -> int:
 
   if not args.no_compile_cache:  # before anything compiles: JAX reads the setting at its first compilation
     compile_cache.enable()
-  h, w = _size(args.size)
+  h, w = image_size(args.size)
   mesh = sharding.mesh_from_shape(tuple(int(x) for x in args.mesh.split(","))) if args.mesh else None
   print(f"loading {args.checkpoint} …", file=sys.stderr, flush=True)
   schedule = _floats("--step-schedule", args.step_schedule, None, int) or ()

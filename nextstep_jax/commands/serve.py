@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from nextstep_jax.commands.arg_types import image_size
+
 
 def register(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("serve", help="serve text-to-image (and editing) over an OpenAI-compatible HTTP API")
@@ -50,8 +52,7 @@ def _buckets(text: str) -> tuple[int, ...]:
 
 
 def run(args) -> int:
-  from nextstep_jax.commands.sample import _size
-  h, w = _size(args.size)
+  h, w = image_size(args.size)
   for name in ("slots", "max_queue", "max_n"):
     if getattr(args, name) < 1:
       raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be ≥ 1")

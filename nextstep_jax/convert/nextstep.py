@@ -16,11 +16,12 @@ import numpy as np
 
 from nextstep_jax.config import ConfigError, ModelConfig
 from nextstep_jax.convert.model_dir import export_checkpoint, import_checkpoint
-from nextstep_jax.convert.qwen import _read_json, abstract_shapes, backbone_fields_from_hf, backbone_rules
+from nextstep_jax.convert.qwen import abstract_shapes, backbone_fields_from_hf, backbone_rules, read_json
 from nextstep_jax.convert.safetensors_io import SafetensorsReader
 from nextstep_jax.convert.table import Rule, parse_dtype
 from nextstep_jax.convert.vae import convert_vae, export_vae_bfl
 from nextstep_jax.models.nextstep import NextStep, sincos_2d_table
+from nextstep_jax.tokens import IMAGE_AREA_TOKEN, vocab_id
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json")
@@ -57,16 +58,6 @@ def nextstep_rules(cfg: ModelConfig) -> list[Rule]:
   return backbone_rules(cfg, prefix="", lm_head="lm_head.weight") + head_rules(cfg)
 
 
-def _special_id(tokenizer_dir: Path, token: str) -> int | None:
-  f = tokenizer_dir / "tokenizer.json"
-  if not f.is_file():
-    return None
-  for t in json.loads(f.read_text()).get("added_tokens", []):
-    if t.get("content") == token:
-      return int(t["id"])
-  return None
-
-
 def model_config_from_release(hf: dict[str, Any], tokenizer_dir: Path | None = None, **overrides) -> ModelConfig:
   """ModelConfig from a NextStep-1 `config.json` (+ the tokenizer, for `<|image_area|>`, absent from the config)."""
   if hf.get("model_type") not in ("nextstep", None) and "image_placeholder_id" not in hf:
@@ -74,7 +65,8 @@ def model_config_from_release(hf: dict[str, Any], tokenizer_dir: Path | None = N
   fields = backbone_fields_from_hf(hf)
   try:
     pad = hf["pad_token_id_added"]
-    area = (_special_id(tokenizer_dir, "<|image_area|>") if tokenizer_dir else None) or pad + 1
+    area = vocab_id(tokenizer_dir, IMAGE_AREA_TOKEN) if tokenizer_dir else None
+    area = pad + 1 if area is None else area
     eos = hf.get("eos_token_id")
     fields.update(
         attention_bias=bool(hf.get("attention_bias", True)),
@@ -123,7 +115,7 @@ def convert_nextstep(src: str | Path, dst: str | Path, dtype: str | None = None,
   """Release directory → our model directory (params, vae_params, tokenizer, nextstep_config.json)."""
   src, dst = Path(src), Path(dst)
   np_dtype = parse_dtype(dtype)
-  cfg = model_config_from_release(_read_json(src / "config.json", "NextStep config.json"), src,
+  cfg = model_config_from_release(read_json(src / "config.json", "NextStep config.json"), src,
                                   **({"param_dtype": np_dtype.name} if np_dtype is not None else {}))
   reader = SafetensorsReader(src, prefix="model")
   import_checkpoint(reader, nextstep_rules(cfg), nextstep_shapes(cfg), dst, cfg,

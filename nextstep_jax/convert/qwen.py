@@ -103,7 +103,7 @@ def qwen_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   return abstract_shapes(Qwen2ForCausalLM(cfg), jnp.zeros((1, 1), jnp.int32))
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str) -> dict[str, Any]:
   if not path.is_file():
     raise FileNotFoundError(f"{what} not found at {path}")
   try:
@@ -116,7 +116,7 @@ def convert_qwen(src: str | Path, dst: str | Path, dtype: str | None = None, ove
   """HF Qwen2 directory → our model directory (`nextstep_config.json` + Orbax `params/`), one tensor at a time."""
   src, dst = Path(src), Path(dst)
   np_dtype = parse_dtype(dtype)
-  cfg = model_config_from_hf(_read_json(src / "config.json", "HF config.json"),
+  cfg = model_config_from_hf(read_json(src / "config.json", "HF config.json"),
                              **({"param_dtype": np_dtype.name} if np_dtype is not None else {}))
   import_checkpoint(SafetensorsReader(src), backbone_rules(cfg), qwen_shapes(cfg), dst, cfg,
                     {"format": "hf_qwen2", "path": str(src)}, dtype=dtype,

@@ -33,7 +33,7 @@ from safetensors.numpy import save_file
 
 from nextstep_jax import params_io
 from nextstep_jax.config import ConfigError, VAEConfig, flux_vae
-from nextstep_jax.convert.qwen import _read_json, abstract_shapes
+from nextstep_jax.convert.qwen import abstract_shapes, read_json
 from nextstep_jax.convert.safetensors_io import SafetensorsReader
 from nextstep_jax.convert.table import ConversionError, Rule, check, export_tensors, import_leaves, parse_dtype
 from nextstep_jax.models.flux_vae import FluxVAE, image_multiple
@@ -285,7 +285,7 @@ def open_vae_source(src: str | Path, layout: str = "auto", **overrides) -> VAESo
   else:
     raise FileNotFoundError(f"VAE checkpoint {src} does not exist")
   config_file = weights.parent / "config.json"
-  config = _read_json(config_file, "VAE config.json") if config_file.is_file() else None
+  config = read_json(config_file, "VAE config.json") if config_file.is_file() else None
   reader = _open_reader(weights)
   if layout == "auto":
     if config is not None and "block_out_channels" in config:

@@ -1,6 +1,14 @@
 """Serving engine: an image is the same whoever else is served (bit for bit), equals `Sampler` with the same seed,
-for text-to-image and editing; the engine sharded over 8 devices equals one device."""
+for text-to-image and editing; the engine sharded over 8 devices equals one device; a request past the server's
+timeout gets 504 and frees its slot."""
 import dataclasses
+import json
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
 
 import numpy as np
 import pytest
@@ -9,6 +17,10 @@ from nextstep_jax import sharding
 from nextstep_jax.config import tiny, tiny_vae
 from nextstep_jax.sampling.pipeline import Options, Sampler
 from nextstep_jax.serving.engine import Engine, EngineConfig, Request
+from nextstep_jax.serving.metrics import ServingMetrics
+from nextstep_jax.serving.payloads import Limits
+from nextstep_jax.serving.scheduler import Scheduler
+from nextstep_jax.serving.server import build_app
 from nextstep_jax.serving.random_model import write_random_model_dir
 
 SIZE, STEPS, BUCKETS = 16, 4, (64,)
@@ -98,3 +110,35 @@ def test_sharded_engine_equals_single_device(model_dir, t2i_engine):
   assert len(engine.state.h_last.sharding.device_set) == 8
   sharded, _ = engine.generate(REQUESTS)
   assert np.abs(sharded - single).max() <= 1e-4
+
+
+def test_request_past_the_timeout_is_504_and_frees_its_slots(t2i_engine):
+  """The real app on uvicorn (in a thread) with a 1 ms request timeout: 4 images cannot finish → 504 with one JSON
+  line; the scheduler cancels them, so the slots and the queue empty."""
+  metrics = ServingMetrics(t2i_engine.config.slots)
+  scheduler = Scheduler({"t2i": t2i_engine}, max_queue=8, metrics=metrics).start()
+  app = build_app(scheduler, Limits(width=SIZE, height=SIZE, steps=STEPS, max_n=4), 0.001, metrics)
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  try:
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while not server.started:
+      assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+      time.sleep(0.05)
+    r = httpx.post(url + "/v1/images/generations", json={"prompt": "a", "n": 4, "seed": 1}, timeout=60)
+    assert r.status_code == 504, r.text
+    assert "\n" not in r.text.strip() and "did not finish within 0.001 s" in json.loads(r.text)["error"]["message"]
+    deadline = time.time() + 60
+    while scheduler.active_slots or scheduler.queue_depth:
+      assert time.time() < deadline, "the timed-out request's images still hold slots"
+      time.sleep(0.05)
+  finally:
+    server.should_exit = True
+    thread.join(30)
+    scheduler.stop(30)
+  assert not t2i_engine.active

@@ -127,6 +127,7 @@ def build_app(scheduler: Scheduler, limits: Limits, request_timeout_s: float, me
       for j in jobs:
         scheduler.cancel(j)
       waiter.cancel()
+      await asyncio.gather(waiter, return_exceptions=True)  # retrieve the cancellation (no 'never retrieved' log)
       if watcher in done:
         return Response(status_code=499)  # nobody is listening
       return error(504, f"the request did not finish within {request_timeout_s:g} s", "timeout_error")

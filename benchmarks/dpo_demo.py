@@ -6,8 +6,10 @@ the evaluator's score on held-out prompts without collapsing sample diversity?
 
 Phases (each skipped when its output exists): 1 pairs — `cfg.demo.dpo.pair_prompts` training-distribution prompts,
 K samples each with the demo's sampler, best vs worst by `shapes_score` (fraction of the evaluator's verdicts that
-hold) when they differ by ≥ margin → OUT/prefs; 2 DPO — `train()` with configs/demo/dpo.py (policy and reference
-= the demo export) → OUT/dpo/export; 3 evaluation of the demo export ("before") and the DPO export ("after") on
+hold) when they differ by ≥ margin → OUT/prefs, and the same from `heldout_pair_prompts` new draws → OUT/prefs_heldout;
+2 DPO — `train()` with configs/demo/dpo.py (policy and reference = the demo export) → OUT/dpo/export, then the DPO
+reward accuracy on the held-out pairs (the trained policy against the demo reference, one frozen pass: lr 0) →
+OUT/dpo_heldout; 3 evaluation of the demo export ("before") and the DPO export ("after") on
 the demo's held-out prompts (`held_out_prompts(eval_prompts, eval_seed)`, one image per prompt and eval seed):
 evaluator accuracies and the mean attribute score; diversity on the first `diversity_prompts` prompts with
 `diversity_seeds` samples each: mean pairwise pixel distance (mean |a − b| / 255) and distinct layouts (detections
@@ -26,9 +28,20 @@ from pathlib import Path
 
 import numpy as np
 
+from nextstep_jax.apps import preference_pairs as pp
+from nextstep_jax.apps.preference_pairs import shapes_score
+from nextstep_jax.config import load_config
+from nextstep_jax.data.shapes import held_out_prompts
+from nextstep_jax.demo.run import sampling_options
+from nextstep_jax.eval.shapes_scorer import detect, score_batch
+from nextstep_jax.paths import CONFIGS_DIR
+from nextstep_jax.sampling.pipeline import Sampler
+from nextstep_jax.train.loop import train
+from nextstep_jax.train.metrics import read_history
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = str(ROOT / "configs" / "demo" / "dpo.py")
+DEFAULT_CONFIG = str(CONFIGS_DIR / "demo" / "dpo.py")
+HELDOUT_SEED_OFFSET = 1000  # held-out pair prompts: new draws of the training distribution
 
 
 def _overrides(demo: Path, prefs: Path) -> list[str]:
@@ -39,7 +52,6 @@ def _overrides(demo: Path, prefs: Path) -> list[str]:
 
 def layout_key(image: np.ndarray) -> tuple:
   """What an image shows, coarsely: sorted (colour, kind, column, row) of its detections on a 4×4 grid."""
-  from nextstep_jax.eval.shapes_scorer import detect
   return tuple(sorted((d.color, d.kind, min(int(d.cx * 4), 3), min(int(d.cy * 4), 3)) for d in detect(image)))
 
 
@@ -55,10 +67,6 @@ def diversity(images: np.ndarray, per_prompt: int) -> dict:
 
 def evaluate(model_dir: Path, cfg, prompts: list[str]) -> dict:
   """Evaluator accuracies (averaged over the eval seeds), mean attribute score, diversity."""
-  from nextstep_jax.apps.preference_pairs import shapes_score
-  from nextstep_jax.demo.run import sampling_options
-  from nextstep_jax.eval.shapes_scorer import score_batch
-  from nextstep_jax.sampling.pipeline import Sampler
   e = cfg.demo.dpo
   sampler = Sampler.from_checkpoint(model_dir)
   base = sampling_options(cfg)
@@ -76,13 +84,26 @@ def evaluate(model_dir: Path, cfg, prompts: list[str]) -> dict:
   return out
 
 
+def heldout_accuracy(config: str, overrides: list[str] | None, demo: Path, out: Path, prefs: Path,
+                     num_pairs: int) -> dict:
+  """DPO reward accuracy and margin of the trained policy (OUT/dpo/export) against the demo reference on pairs
+  DPO never trained on: one pass of the DPO step with lr 0 (the params stay frozen), averaged over its steps."""
+  cfg = load_config(config, [*(overrides or []), *_overrides(demo, prefs)])
+  steps = max(1, -(-num_pairs // cfg.data.global_batch_size))
+  t = cfg.train
+  t.init_from, t.steps, t.lr, t.end_lr, t.warmup_steps = str(out / "dpo" / "export"), steps, 0.0, 0.0, 0
+  t.log_every, t.save_every = 1, steps
+  cfg.dpo.ref_from = str(demo / "train" / "export")
+  train(cfg, str(out / "dpo_heldout"))
+  rows = read_history(out / "dpo_heldout")
+  acc = [r["reward_accuracy"] for r in rows]
+  return {"reward_accuracy": float(np.mean(acc)), "reward_margin": float(np.mean([r["reward_margin"] for r in rows])),
+          "reward_accuracy_se": float(np.sqrt(np.mean(acc) * (1 - np.mean(acc)) / max(num_pairs, 1))),
+          "pairs": num_pairs, "steps": steps}
+
+
 def run(demo_workdir: str | os.PathLike, workdir: str | os.PathLike, config: str = DEFAULT_CONFIG,
         overrides: list[str] | None = None) -> dict:
-  from nextstep_jax.config import load_config
-  from nextstep_jax.apps import preference_pairs as pp
-  from nextstep_jax.data.shapes import held_out_prompts
-  from nextstep_jax.demo.run import sampling_options
-  from nextstep_jax.train.loop import train
   demo, out = Path(demo_workdir).resolve(), Path(workdir).resolve()
   export = demo / "train" / "export"
   if not (export / "params").is_dir():
@@ -92,15 +113,19 @@ def run(demo_workdir: str | os.PathLike, workdir: str | os.PathLike, config: str
   e, timings = cfg.demo.dpo, {}
   out.mkdir(parents=True, exist_ok=True)
 
+  def pairs(n_prompts: int, seed: int, dst: Path) -> dict:
+    counts_path = dst.with_name(dst.name + "_counts.json")
+    if not counts_path.is_file():
+      settings = pp.PairSettings(k=e.k, margin=e.margin, prompts_per_call=e.prompts_per_call)
+      _, counts = pp.make_prefs_from_model(export, pp.shapes_prompts(n_prompts, seed), dst, pp.shapes_score,
+                                           sampling_options(cfg), settings, overwrite=True)
+      counts_path.write_text(json.dumps(counts))
+    return json.loads(counts_path.read_text())
+
   t0 = time.perf_counter()
-  counts_path = out / "prefs_counts.json"
-  if not counts_path.is_file():
-    prompts = pp.shapes_prompts(e.pair_prompts, e.prompt_seed)
-    _, counts = pp.make_prefs_from_model(export, prompts, prefs, pp.shapes_score, sampling_options(cfg),
-                                         pp.PairSettings(k=e.k, margin=e.margin, prompts_per_call=e.prompts_per_call),
-                                         overwrite=True)
-    counts_path.write_text(json.dumps(counts))
-  counts = json.loads(counts_path.read_text())
+  counts = pairs(e.pair_prompts, e.prompt_seed, prefs)
+  heldout_prefs = out / "prefs_heldout"
+  heldout_counts = pairs(e.heldout_pair_prompts, e.prompt_seed + HELDOUT_SEED_OFFSET, heldout_prefs)
   timings["pairs_s"] = time.perf_counter() - t0
   print(f"[dpo_demo] {counts['pairs']} pairs from {counts['prompts']} prompts; mean score of the samples "
         f"{counts['score_mean'] / counts['prompts']:.3f}, chosen {counts['score_best'] / counts['pairs']:.3f}, "
@@ -109,14 +134,14 @@ def run(demo_workdir: str | os.PathLike, workdir: str | os.PathLike, config: str
   t0 = time.perf_counter()
   result = train(cfg, str(out / "dpo"))
   timings["dpo_s"] = time.perf_counter() - t0
-  from nextstep_jax.train.metrics import read_history
   hist = read_history(out / "dpo")
+  heldout = heldout_accuracy(config, overrides, demo, out, heldout_prefs, heldout_counts["pairs"])
 
   t0 = time.perf_counter()
   prompts = held_out_prompts(e.eval_prompts or cfg.demo.eval_prompts, cfg.demo.eval_seed)
   before, after = evaluate(export, cfg, prompts), evaluate(out / "dpo" / "export", cfg, prompts)
   timings["eval_s"] = time.perf_counter() - t0
-  report = {"pairs": counts, "before": before, "after": after, "timings": timings, "steps": result.step,
+  report = {"pairs": counts, "heldout_pairs": heldout_counts, "heldout": heldout, "before": before, "after": after, "timings": timings, "steps": result.step,
             "dpo_first": hist[0] if hist else {}, "dpo_last": hist[-1] if hist else {},
             "settings": {"dpo": cfg.dpo.to_dict(), "lr": cfg.train.lr, "steps": cfg.train.steps,
                          "pairs_per_batch": cfg.data.global_batch_size, "pair_making": e.to_dict(),
@@ -130,6 +155,8 @@ def run(demo_workdir: str | os.PathLike, workdir: str | os.PathLike, config: str
   print(f"[dpo_demo] DPO step {result.step}: loss {last.get('dpo_loss', float('nan')):.3f}, reward accuracy "
         f"{last.get('reward_accuracy', float('nan')):.2f}, margin {last.get('reward_margin', float('nan')):.3f}; "
         f"timings {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}", flush=True)
+  print(f"[dpo_demo] held-out pairs ({heldout_counts['pairs']}): reward accuracy {heldout['reward_accuracy']:.3f} "
+        f"± {heldout['reward_accuracy_se']:.3f}, margin {heldout['reward_margin']:.3f}", flush=True)
   return report
 
 

@@ -4,8 +4,8 @@ check that its params and loss history are bit-identical to an uninterrupted run
   nice -n 10 python benchmarks/kill_resume_soak.py --trials 20
 
 Each trial: start `nextstep-jax train` (configs/tiny, async checkpoint every step, so most moments fall inside
-a save), wait a uniform random time in [0, the reference run's step phase] after its first step line, SIGKILL
-it, then rerun the same command until it exits 0. Prints one line per trial and a summary: divergent resumes
+a save), pick a step k uniformly in [1, steps − 1] and SIGKILL the run a uniform random fraction of one step's
+time (from a warm-cache calibration run) after its `step k` line, then rerun the same command until it exits 0. Prints one line per trial and a summary: divergent resumes
 (params or loss history differ), kills that left an uncommitted (mid-save) checkpoint, steps resumed from.
 """
 from __future__ import annotations
@@ -55,13 +55,13 @@ def _run(workdir: Path, steps: int, env: dict) -> tuple[float, str]:
   return time.perf_counter() - (first or time.perf_counter()), "".join(lines)
 
 
-def _run_and_kill(workdir: Path, steps: int, env: dict, delay: float) -> tuple[str, int]:
-  """Starts a run, SIGKILLs it `delay` s after its first step line (or lets it finish); (output, returncode)."""
+def _run_and_kill(workdir: Path, steps: int, env: dict, at_step: int, delay: float) -> tuple[str, int]:
+  """Starts a run, SIGKILLs it `delay` s after its `step at_step` line (or lets it finish); (output, returncode)."""
   proc = subprocess.Popen(_cmd(workdir, steps), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
   lines, timer = [], None
   for line in proc.stdout:
     lines.append(line)
-    if timer is None and line.startswith("step "):
+    if timer is None and line.startswith(f"step {at_step}:"):
       timer = threading.Timer(delay, lambda: proc.poll() is None and proc.send_signal(signal.SIGKILL))
       timer.start()
   proc.wait()
@@ -99,13 +99,16 @@ def main() -> int:
   t0 = time.perf_counter()
   span, _ = _run(root / "reference", args.steps, env)
   ref_hist, ref_params = _history(root / "reference"), _params(root / "reference")
-  print(f"reference: {args.steps} steps, step phase {span:.1f} s, {len(ref_params)} params", flush=True)
+  warm, _ = _run(root / "calibration", args.steps, env)  # the trials run with a warm compilation cache
+  per_step = warm / args.steps
+  print(f"reference: {args.steps} steps, step phase {span:.1f} s cold, {warm:.1f} s warm, {len(ref_params)} params",
+        flush=True)
 
   divergent, mid_save, not_killed, resumed_from, damaged = 0, 0, 0, [], 0
   for trial in range(args.trials):
     work = root / f"trial_{trial}"
-    delay = rng.uniform(0, span)
-    out, code = _run_and_kill(work, args.steps, env, delay)
+    at_step, delay = rng.randint(1, args.steps - 1), rng.uniform(0, per_step)
+    out, code = _run_and_kill(work, args.steps, env, at_step, delay)
     ckpts = work / "checkpoints"
     partial = ckpts.is_dir() and any("tmp" in p.name for p in ckpts.iterdir())
     killed = code == -signal.SIGKILL
@@ -117,7 +120,7 @@ def main() -> int:
     resumed_from.append(start)
     same = _history(work) == ref_hist and _params(work) == ref_params
     divergent += not same
-    print(f"trial {trial:2d}: kill after {delay:5.2f} s ({'killed' if killed else 'finished first'}"
+    print(f"trial {trial:2d}: kill {delay:4.2f} s after step {at_step} ({'killed' if killed else 'finished first'}"
           f"{', mid-save' if partial else ''}), resumed from step {start}: "
           f"{'identical' if same else 'DIVERGENT'}", flush=True)
     shutil.rmtree(work, ignore_errors=True)

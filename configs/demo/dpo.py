@@ -19,8 +19,8 @@ from nextstep_jax.train.dpo import dpo_section
 
 # pairs per prompt set, DPO length — full demo vs reduced (CI) demo
 _SIZES = {
-    "full": dict(pair_prompts=1024, steps=200, eval_prompts=200),
-    "ci": dict(pair_prompts=384, steps=120, eval_prompts=128),
+    "full": dict(pair_prompts=1024, heldout_pair_prompts=256, steps=200, eval_prompts=200),
+    "ci": dict(pair_prompts=384, heldout_pair_prompts=128, steps=120, eval_prompts=128),
 }
 
 
@@ -41,6 +41,7 @@ def get_config(arg=None):
   d.sources = [dict(name="prefs", path="", weight=1.0, kind="")]  # filled in: the ns_prefs dataset
   d.drop_text_prob, d.pack, d.global_batch_size = 0.0, False, 32
   # pair making (benchmarks/dpo_demo.py; `nextstep-jax data prefs` flags of the same names)
-  cfg.demo.dpo = dict(pair_prompts=size["pair_prompts"], k=4, margin=0.15, prompt_seed=7, prompts_per_call=64,
-                      eval_prompts=size["eval_prompts"], eval_seeds=(0, 1), diversity_prompts=8, diversity_seeds=8)
+  cfg.demo.dpo = dict(pair_prompts=size["pair_prompts"], heldout_pair_prompts=size["heldout_pair_prompts"], k=4,
+                      margin=0.15, prompt_seed=7, prompts_per_call=64, eval_prompts=size["eval_prompts"],
+                      eval_seeds=(0, 1), diversity_prompts=8, diversity_seeds=8)
   return cfg

@@ -24,6 +24,7 @@ import time
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from benchmarks.common import timed  # noqa: E402
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -53,7 +54,7 @@ CAPTION_TEXT, NEGATIVE_TEXT = "a photo of a red cube on a wooden table.", "lowre
 def _setup():
   cfg = ModelConfig.from_dict(BENCH)
   _, init = init_fn(cfg)
-  params = jax.jit(init)(jax.random.key(0))
+  params = nn.unbox(jax.jit(init)(jax.random.key(0)))  # plain arrays, as a loaded checkpoint holds
   # make the (zero-initialised) head layers non-trivial, as trained weights are
   params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params)
   return cfg, params

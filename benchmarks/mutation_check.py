@@ -19,51 +19,55 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+PP, OPTS = "tests/test_production_parity.py::", "tests/test_sampler_options.py::"
 # (name, file, original snippet, broken snippet, test selectors)
 MUTATIONS = [
     ("vae_decode_ignores_shift", "nextstep_jax/models/flux_vae.py",
      "z_BxhxwxC / cfg.scaling_factor + cfg.shift_factor,", "z_BxhxwxC / cfg.scaling_factor,",
-     ["tests/test_flux_vae.py", "tests/test_production_parity.py"]),
+     [PP + "test_vae_scale_and_shift_match_official", "tests/test_flux_vae.py::test_scaled_vae_parity"]),
     ("vae_encode_scale_backwards", "nextstep_jax/models/flux_vae.py",
      "return (z - cfg.shift_factor) * cfg.scaling_factor", "return (z - cfg.shift_factor) / cfg.scaling_factor",
-     ["tests/test_flux_vae.py", "tests/test_production_parity.py"]),
+     [PP + "test_vae_scale_and_shift_match_official", "tests/test_flux_vae.py::test_scaled_vae_parity"]),
     ("loss_ignores_image_loss_mask", "nextstep_jax/models/nextstep.py",
      'weight = (slot_valid & (batch["image_loss_mask"] > 0)).astype', "weight = (slot_valid).astype",
-     ["tests/test_production_parity.py", "tests/test_nextstep_parity.py"]),
+     [PP + "test_training_loss_partial_masks_unequal_counts"]),
     ("loss_count_ignores_image_loss_mask", "nextstep_jax/models/nextstep.py",
      'fm = jnp.sum(slot_valid & (batch["image_loss_mask"] > 0)) * cfg.fm_head_batch_mul',
      "fm = jnp.sum(slot_valid) * cfg.fm_head_batch_mul",
-     ["tests/test_production_parity.py", "tests/test_nextstep_parity.py"]),
+     [PP + "test_training_loss_partial_masks_unequal_counts"]),
     ("gen_pos_embed_by_column_only", "nextstep_jax/models/nextstep.py",
      "table[row * cfg.base_image_grid_size + col]", "table[col]",
-     ["tests/test_production_parity.py", "tests/test_image_grid.py"]),
+     [PP + "test_head_condition_takes_row_times_base_plus_col",
+      PP + "test_text_to_image_with_gen_pos_embed_first_row_matches_official"]),
     ("conversion_skips_a_shard", "nextstep_jax/convert/safetensors_io.py",
      "files = sorted({path / f for f in weight_map.values()})",
      "files = sorted({path / f for f in weight_map.values()})[:-1]",
-     ["tests/test_production_parity.py"]),
+     [PP + "test_sharded_release_round_trips_bit_for_bit"]),
     ("image_loader_swaps_rgb", "nextstep_jax/images.py",
      "return np.asarray(out, dtype=np.uint8)", "return np.asarray(out, dtype=np.uint8)[..., ::-1]",
-     ["tests/test_cli.py", "tests/test_sampling.py"]),
+     ["tests/test_cli.py::test_sample_editing", "tests/test_data_records.py::test_image_readers_keep_rgb_channel_order"]),
     ("micro_batches_normalised_locally", "nextstep_jax/train/step.py",
      "loss_grad(p, mb, n, uu, counts, *extra)", "loss_grad(p, mb, n, uu, loss_counts(cfg, mb), *extra)",
-     ["tests/test_trainer_paths.py", "tests/test_train_step.py"]),
+     ["tests/test_train_step.py::test_gradient_accumulation_equals_one_big_batch",
+      "tests/test_train_production_paths.py::test_sharded_accumulated_train_step_equals_single_device"]),
     ("edit_cfg_img_terms_swapped", "nextstep_jax/sampling/flow.py",
      "return v[2] + cfg_img * (v[1] - v[2]) + cfg * (v[0] - v[1])",
      "return v[2] + cfg * (v[1] - v[2]) + cfg_img * (v[0] - v[1])",
-     ["tests/test_production_parity.py", "tests/test_sampling.py"]),
+     [PP + "test_editing_with_cfg_img_1_matches_official",
+      "tests/test_sampling.py::test_editing_matches_official_pipeline"]),
     ("heun_corrector_at_wrong_time", "nextstep_jax/sampling/flow.py",
      "return x + 0.5 * (v1 + velocity(x_pred, t_next, j + 1)) * (t_next - t)",
      "return x + 0.5 * (v1 + velocity(x_pred, t, j + 1)) * (t_next - t)",
-     ["tests/test_sampler_options.py"]),
+     [OPTS + "test_heun_on_a_linear_velocity_has_its_closed_form"]),
     ("linear_cfg_schedule_rising", "nextstep_jax/sampling/flow.py",
      "return 1.0 + (cfg - 1.0) * (n - k) / n", "return 1.0 + (cfg - 1.0) * k / n",
-     ["tests/test_sampler_options.py", "tests/test_production_parity.py"]),
+     [OPTS + "test_cfg_schedules_per_token", PP + "test_linear_schedule_without_norm_matches_official"]),
     ("ema_without_warmup", "nextstep_jax/train/optimizer.py",
      "d = jnp.minimum(decay, (1.0 + state.count) / (10.0 + state.count))", "d = jnp.asarray(decay)",
      ["tests/test_production_options.py::test_params_ema_recomputed_by_hand"]),
     ("seed_ignored", "nextstep_jax/sampling/pipeline.py",
      "key = jax.random.key(opts.seed)", "key = jax.random.key(0)",
-     ["tests/test_sampler_options.py", "tests/test_sampling.py"]),
+     [OPTS + "test_seed_changes_only_the_noise"]),
 ]
 
 
@@ -76,7 +80,7 @@ def run_one(name, rel, old, new, tests, scratch: Path) -> str:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(scratch))
   t0 = time.time()
   try:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *tests],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rfE", *tests],
                           cwd=scratch, env=env, capture_output=True, text=True, timeout=1800)
     out = proc.stdout + proc.stderr
     failed = [line.split()[1] for line in out.splitlines() if line.startswith(("FAILED ", "ERROR "))]

@@ -22,10 +22,16 @@ setup(
         "safetensors",
         "pillow",
         "tqdm",
+        "braceexpand",
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "webdataset", "braceexpand", "datasets",
+                 "apache-beam"],
+        # data at scale (nextstep_jax/data/wds.py, beam_build.py): official WebDataset shards, HF save_to_disk dirs,
+        # Beam builds (apache-beam pins protobuf<7 / pillow<13 / pyarrow<26; it runs here with the newer ones)
+        "data": ["braceexpand", "datasets", "pyarrow"],
+        "beam": ["apache-beam"],
         "tpu": ["jax[tpu]"],
     },
     entry_points={"console_scripts": ["nextstep-jax=nextstep_jax.cli:main"]},

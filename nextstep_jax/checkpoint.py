@@ -4,7 +4,8 @@ Layout: `WORKDIR/checkpoints/<step>/{state,data}`. Saves are asynchronous (the s
 previous save is written) and atomic (Orbax writes a temporary directory and renames it when complete, so a
 killed process leaves the last *complete* checkpoint). `restore` takes an abstract state whose leaves carry the
 *target* shardings, so a checkpoint written on one mesh restores onto another. The data item is per process
-(`process_<i>-of-<n>.json`), restored into a fresh iterator built with the same config and process layout.
+(`process_<i>-of-<n>.json`), restored into a fresh iterator built with the same config and process layout (with
+`config.data.elastic_resume`, any number of processes: `nextstep_jax.data.elastic`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+
+
+def _data_args(data_iter: Any, save: bool) -> Any:
+  """Grain's handler; for `config.data.elastic_resume` iterators the one that restores onto another process count."""
+  from nextstep_jax.data import elastic
+  if isinstance(data_iter, elastic.ElasticIterator):
+    return (elastic.CheckpointSave if save else elastic.CheckpointRestore)(data_iter)
+  return (grain.checkpoint.CheckpointSave if save else grain.checkpoint.CheckpointRestore)(data_iter)
 
 
 class Checkpointer:
@@ -35,14 +44,14 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iter: Any | None, force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items["data"] = _data_args(data_iter, save=True)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Any:
     """State onto the shardings carried by `abstract_state`; the iterator's position is restored in place."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      items["data"] = _data_args(data_iter, save=False)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def restore_params(self, step: int | None, abstract_params: Any) -> Any:

@@ -16,6 +16,8 @@ Layout on disk: `<dst>/<builder name>/1.0.0/{dataset_info.json, features.json, *
   text          ns_text            text, meta (json: file, line)
   (data encode) ns_latent_t2i      tokens (n, D) float32, grid (2,) int32 [rows, cols], caption, meta
   (data encode) ns_latent_edit     src_tokens, src_grid, tgt_tokens, tgt_grid, instruction, meta
+  wds (edit / interleave)          ns_interleaved  images [bytes], caption (<image_n> tags), task, meta
+  (data encode) ns_latent_interleaved  tokens (Σn, D), grids (k, 2) [rows, cols] per image, caption, task, meta
 """
 from __future__ import annotations
 
@@ -44,7 +46,18 @@ DATASET_KINDS: dict[str, tuple[str, str]] = {
     "ns_text": ("text", "text"),
     "ns_latent_t2i": ("t2i", "latents"),
     "ns_latent_edit": ("edit", "latents"),
+    "ns_interleaved": ("interleave", "pixels"),
+    "ns_latent_interleaved": ("interleave", "latents"),
 }
+
+
+def _serialize_deterministically(self, example) -> bytes:
+  """TFDS's example serializer with map fields in sorted order (the default order differs between processes), so
+  a rebuilt shard — e.g. a redone encode part — is byte-identical."""
+  return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+
+tfds.core.example_serializer.ExampleSerializer.serialize_example = _serialize_deterministically
 
 
 class DatasetError(ValueError):
@@ -132,13 +145,29 @@ class NsLatentEdit(_NsBuilder):
                 meta=Text())
 
 
-_BUILDERS: dict[str, type] = {c.name: c for c in (NsImageText, NsShapes, NsEdit, NsText, NsLatentT2i, NsLatentEdit)}
+class NsInterleaved(_NsBuilder):
+  """Several images with text between them (official `<image_n>` captions): edit (loss on the last image) or
+  interleave (loss on every image), per record `task`."""
+
+  def _features(self):
+    return dict(images=tfds.features.Sequence(_bytes_feature()), caption=Text(), task=Text(), meta=Text())
+
+
+class NsLatentInterleaved(_NsBuilder):
+  """Latent cache of an interleaved dataset: every image's tokens concatenated in image order + their grids."""
+
+  def _features(self):
+    return dict(tokens=_tokens(), grids=Tensor(shape=(None, 2), dtype=np.int32), caption=Text(), task=Text(),
+                meta=Text())
+
+
+_BUILDERS: dict[str, type] = {c.name: c for c in (NsImageText, NsShapes, NsEdit, NsText, NsLatentT2i, NsLatentEdit,
+                                                  NsInterleaved, NsLatentInterleaved)}
 assert set(_BUILDERS) == set(DATASET_KINDS), _BUILDERS
 
 
-def write_dataset(builder_name: str, dst: str | os.PathLike, examples: Callable[[], Iterable[tuple[Any, dict]]],
-                  overwrite: bool = False) -> str:
-  """Writes examples (key, feature dict) as an ArrayRecord TFDS dataset under dst; returns its version dir."""
+def prepare_output(builder_name: str, dst: str | os.PathLike, overwrite: bool) -> str:
+  """The version dir a build of `builder_name` will write under dst (removed first with `overwrite`)."""
   out = Path(dst) / builder_name / VERSION
   if out.exists():
     if not overwrite:
@@ -146,6 +175,13 @@ def write_dataset(builder_name: str, dst: str | os.PathLike, examples: Callable[
     shutil.rmtree(out)
   if builder_name not in _BUILDERS:
     raise DatasetError(f"unknown dataset builder {builder_name!r}; known: {sorted(_BUILDERS)}")
+  return str(out)
+
+
+def write_dataset(builder_name: str, dst: str | os.PathLike, examples: Callable[[], Iterable[tuple[Any, dict]]],
+                  overwrite: bool = False) -> str:
+  """Writes examples (key, feature dict) as an ArrayRecord TFDS dataset under dst; returns its version dir."""
+  out = prepare_output(builder_name, dst, overwrite)
   builder = _BUILDERS[builder_name](examples=examples, data_dir=str(dst), file_format="array_record")
   builder.download_and_prepare()
   return str(out)

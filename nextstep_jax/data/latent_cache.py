@@ -54,8 +54,9 @@ def make_encoder(vae_cfg: Any, params: Any, shard: bool = True) -> Callable[[np.
 
 def encode_dataset(src: str | os.PathLike, dst: str | os.PathLike, encode: Callable[[np.ndarray], np.ndarray],
                    down_factor: int, batch_size: int = 16, resolution: int = 256, buckets: str = "aspect",
-                   min_size_ratio: float = 1.0, overwrite: bool = False, progress: bool = True) -> tuple[str, dict]:
-  """Encodes the image dataset at `src` into a latent dataset under `dst`.
+                   min_size_ratio: float = 1.0, overwrite: bool = False, progress: bool = True,
+                   indices=None) -> tuple[str, dict]:
+  """Encodes the image dataset at `src` (only records `indices`, default all) into a latent dataset under `dst`.
 
   `encode`: uint8 (B, H, W, 3) → tokens (B, n, D) (e.g. `make_encoder`); `down_factor`: pixels per token side
   (VAE factor × 2). Returns (the latent dataset's version dir, {"encoded": n, "skipped/<reason>": n, ...}).
@@ -67,6 +68,10 @@ def encode_dataset(src: str | os.PathLike, dst: str | os.PathLike, encode: Calla
   if batch_size <= 0:
     raise ValueError(f"--batch must be positive, got {batch_size}")
   grids = bucket_grids(resolution, down_factor, buckets)
+  if source.kind == "interleave":  # several images per record, each in its own bucket
+    from nextstep_jax.data.interleaved import encode_interleaved
+    return encode_interleaved(source, dst, encode, grids, down_factor, batch_size, min_size_ratio, overwrite,
+                              indices, progress)
   is_edit = source.kind == "edit"
   counts: dict[str, int] = defaultdict(int)
 
@@ -104,7 +109,8 @@ def encode_dataset(src: str | os.PathLike, dst: str | os.PathLike, encode: Calla
 
     pending: dict[tuple[int, int], list] = defaultdict(list)
     key = 0
-    for index in tqdm(range(len(source)), desc=f"encode {source.name}", disable=not progress):
+    for index in tqdm(range(len(source)) if indices is None else indices, desc=f"encode {source.name}",
+                      disable=not progress):
       try:
         grid, imgs, fields = prepare(index)
       except BadRecord as e:
@@ -132,13 +138,17 @@ def encode_dataset(src: str | os.PathLike, dst: str | os.PathLike, encode: Calla
   return out, dict(counts)
 
 
+def vae_encoder(vae_dir: str | os.PathLike) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+  """(`make_encoder` of the VAE of a model directory, pixels per LM token side) for `encode_dataset`."""
+  from nextstep_jax.convert.vae import load_vae
+
+  vae_cfg, params = load_vae(vae_dir)
+  return make_encoder(vae_cfg, params), vae_cfg.downsample_factor * LATENT_PATCH_SIZE
+
+
 def encode_with_model(src: str | os.PathLike, dst: str | os.PathLike, vae_dir: str | os.PathLike,
                       batch_size: int = 16, resolution: int = 256, buckets: str = "aspect",
                       min_size_ratio: float = 1.0, overwrite: bool = False, progress: bool = True) -> tuple[str, dict]:
   """`encode_dataset` with the VAE of a model directory (`nextstep_config.json` + `vae_params/`)."""
-  from nextstep_jax.convert.vae import load_vae
-
-  vae_cfg, params = load_vae(vae_dir)
-  return encode_dataset(src, dst, make_encoder(vae_cfg, params), vae_cfg.downsample_factor * LATENT_PATCH_SIZE,
-                        batch_size=batch_size, resolution=resolution, buckets=buckets,
-                        min_size_ratio=min_size_ratio, overwrite=overwrite, progress=progress)
+  return encode_dataset(src, dst, *vae_encoder(vae_dir), batch_size=batch_size, resolution=resolution,
+                        buckets=buckets, min_size_ratio=min_size_ratio, overwrite=overwrite, progress=progress)

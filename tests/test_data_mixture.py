@@ -1,6 +1,7 @@
 """The weighted mixture resumes across a change of the number of training processes (1 → 2 → 1) without
 repeating or skipping a sample: the samples of the resumed run, counted one by one out of the packed batches,
-are exactly those of one uninterrupted run. One source is a text dataset built by Beam with 2 workers."""
+are exactly those of one uninterrupted run. One source is a text dataset built in-process or
+by Beam with 2 workers (marker `beam`)."""
 import collections
 import json
 
@@ -21,13 +22,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("data_beam")]
 EOS, PH = 256, 263
 
 
-@pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
+@pytest.fixture(scope="module", params=[0, pytest.param(2, marks=pytest.mark.beam)], ids=["inproc", "beam2"])
+def cfg(request, tmp_path_factory):
+  """The mixture; its text source built in this process or by Beam with 2 workers (`--workers`)."""
   root = tmp_path_factory.mktemp("mix")
   docs = [(f"d{i}", {"text": f"doc {i} " + "y" * (5 * (i % 4))}, [], False) for i in range(24)]
   write_shards(root / "shards", {"text": docs})
   assert cli.main(["data", "build", "--kind", "wds", "--src", str(root / "shards" / "text"), "--task", "text",
-                   "--workers", "2", "--dst", str(root / "text")]) == 0
+                   "--workers", str(request.param), "--dst", str(root / "text")]) == 0
 
   def t2i():
     for i in range(48):
@@ -83,11 +85,12 @@ def test_resume_1_to_2_to_1_processes_repeats_and_skips_nothing(cfg, tmp_path):
   state = {"w": jnp.arange(3.0)}
   ckpt.save(2, state, it, force=True)
   ckpt.wait()
-  saved1 = (tmp_path / "checkpoints" / "2" / "data" / "process_0-of-1.json").read_text()
+  assert (tmp_path / "checkpoints" / "2" / "data" / "process_0-of-1.json").is_file()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
   two = [pipeline.make_iterator(cfg, r, 2) for r in range(2)]
-  for it2 in two:
-    elastic.restore_from_files({(0, 1): saved1}, it2)
+  for it2 in two:  # each of the 2 new processes restores the 1-process checkpoint through Orbax
+    ckpt.restore(2, abstract, it2)
   for it2 in two:
     seen += _take(it2, 3, tok)
   saved2 = {(r, 2): json.dumps(it2.get_state()) for r, it2 in enumerate(two)}
@@ -101,8 +104,7 @@ def test_resume_1_to_2_to_1_processes_repeats_and_skips_nothing(cfg, tmp_path):
 
   # the same layout restores through Orbax exactly where the saved iterator was
   again = pipeline.make_iterator(cfg, 0, 1)
-  restored = ckpt.restore(2, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                          state), again)
+  restored = ckpt.restore(2, abstract, again)
   np.testing.assert_array_equal(restored["w"], state["w"])
   ckpt.close()
   ref_it = pipeline.make_iterator(cfg, 0, 1)

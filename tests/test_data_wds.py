@@ -214,3 +214,54 @@ def test_img2dataset_tar_and_parquet_and_hf_save_to_disk(tmp_path, capsys):
   hf = _records(tmp_path / "hf_out")
   assert [(r["caption"], r["image"]) for r in hf] == [(f"h{i}".encode(), images[i]) for i in range(3)]
   assert [r["text"] for r in _records(tmp_path / "hf_text_out")] == [b"only text", b"more"]
+
+
+def _torn(src, dst, cut_in_member: bool):
+  """A copy of tar `src` cut inside member 7 (sample g3's image), or exactly after it (at a member boundary,
+  which tarfile reads as a shorter tar without complaint)."""
+  import tarfile
+  with tarfile.open(src) as tar:
+    m = tar.getmembers()[7]
+  assert m.name == "g3-0.png"
+  end = m.offset_data + (m.size // 2 if cut_in_member else -(-m.size // 512) * 512)
+  dst.write_bytes(src.read_bytes()[:end])
+
+
+@pytest.mark.parametrize("cut_in_member", [True, False], ids=["mid-member", "member-boundary"])
+def test_torn_shard_keeps_the_samples_before_the_damage(tmp_path, capsys, cut_in_member):
+  from wds_fixtures import write_tar
+  write_tar(tmp_path / "good.tar", [(f"g{i}", {"caption": f"cap {i}"}, [(8, 8)], False) for i in range(6)])
+  _torn(tmp_path / "good.tar", tmp_path / "torn.tar", cut_in_member)
+  assert cli.main(["data", "build", "--kind", "wds", "--src", str(tmp_path / "torn.tar"), "--task", "t2i", "--dst",
+                   str(tmp_path / "out")]) == 0
+  assert "skipped: corrupt_shard 1" in capsys.readouterr().out
+  # g3 was in flight when the shard ended: dropped, never stored half-read
+  assert [r["caption"] for r in _records(tmp_path / "out")] == [b"cap 0", b"cap 1", b"cap 2"]
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from wds_fixtures import write_tar
+  write_tar(tmp_path / "bad.tar", [("a0", b"{bad", [(8, 8)], False), ("a1", {"title": "no caption key"}, [(8, 8)],
+                                                                      False)])
+  pq.write_table(pa.table({"key": ["0"], "jpg": [_png_bytes(1)]}), tmp_path / "nocap.parquet")
+  cases = [
+      (["build", "--kind", "wds", "--src", str(tmp_path / "bad.tar"), "--task", "t2i"],
+       "all 2 samples were skipped (bad_json 1, no_caption 1); nothing was written"),
+      (["build", "--kind", "img2dataset", "--src", str(tmp_path / "nocap.parquet")],
+       "needs an image bytes column (jpg/png/webp/image) and 'caption'; it has ['key', 'jpg']"),
+      (["build", "--kind", "hf", "--src", str(tmp_path / "bad.tar"), "--workers", "2"],
+       "--workers (Beam) builds --kind wds only"),
+      (["encode", "--src", str(tmp_path / "x"), "--vae", str(tmp_path / "v"), "--parts", "2", "--part", "2"],
+       "give --parts P and --part N with 0 <= N < P"),
+      (["encode", "--src", str(tmp_path / "x"), "--vae", str(tmp_path / "v"), "--merge", "2"],
+       "part 0 of 2 is not finished"),
+  ]
+  for args, message in cases:
+    assert cli.main(["data", *args, "--dst", str(tmp_path / "out")]) == 2, args
+    raw = capsys.readouterr().err  # (TFDS's progress bars aside) one error line, no traceback
+    err = [line for line in raw.splitlines() if line.startswith("nextstep-jax")]
+    assert len(err) == 1 and message in err[0] and "Traceback" not in raw, (args, raw)
+  assert not list(tmp_path.rglob("dataset_info.json"))  # nothing half-written, no partial directory left
+  assert not list(tmp_path.rglob("*.partial"))

@@ -100,21 +100,27 @@ def _build(args) -> int:
 
 def _encode(args) -> int:
   from nextstep_jax.data import distributed_encode as de
+  from nextstep_jax.data.builders import open_dataset
   from nextstep_jax.data.latent_cache import encode_with_model, vae_encoder
 
+  parted = bool(args.parts) or args.part is not None
+  if sum((bool(args.merge), args.distributed, parted)) > 1:
+    raise ValueError("--merge P, --distributed and --parts P --part N are separate modes; give one of them")
+  if parted and (not args.parts or args.part is None or args.part >= args.parts):
+    raise ValueError(f"give --parts P and --part N with 0 <= N < P (got --parts {args.parts} --part {args.part})")
   kw = dict(batch_size=args.batch, resolution=args.resolution, buckets=args.buckets,
             min_size_ratio=args.min_size_ratio)
   if args.merge:
     out, counts = de.merge_parts(args.dst, args.merge)
-  elif args.distributed:
-    out, counts = de.encode_distributed(args.src, args.dst, args.vae, args.coordinator, args.num_processes,
-                                        args.process_id, progress=False, **kw)
-  elif args.parts or args.part is not None:
-    if not args.parts or args.part is None:
-      raise ValueError("give both --parts P and --part N (0 <= N < P)")
-    out, counts = de.encode_part(args.src, args.dst, *vae_encoder(args.vae), args.part, args.parts, **kw)
   else:
-    out, counts = encode_with_model(args.src, args.dst, args.vae, overwrite=args.overwrite, **kw)
+    open_dataset(args.src)  # a wrong --src fails here, before the VAE loads
+    if args.distributed:
+      out, counts = de.encode_distributed(args.src, args.dst, args.vae, args.coordinator, args.num_processes,
+                                          args.process_id, progress=False, **kw)
+    elif parted:
+      out, counts = de.encode_part(args.src, args.dst, *vae_encoder(args.vae), args.part, args.parts, **kw)
+    else:
+      out, counts = encode_with_model(args.src, args.dst, args.vae, overwrite=args.overwrite, **kw)
   print(f"encoded {counts.get('encoded', 0)} records → {out}; skipped: "
         f"{ {k: v for k, v in counts.items() if k.startswith('skipped/')} or 'none'}")
   return 0

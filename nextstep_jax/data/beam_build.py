@@ -21,6 +21,9 @@ from typing import Iterator
 from nextstep_jax.data import builders, wds
 
 
+_NO_EXAMPLES = "number of generated examples is 0"
+
+
 def _shard_records(item: tuple[int, str], task: str, caption_key: str) -> Iterator[tuple[int, dict]]:
   import apache_beam as beam
 
@@ -77,6 +80,16 @@ def build_wds_beam(src: str, dst: str | os.PathLike, task: str = "auto", workers
   def build(data_dir: str) -> None:
     builder = _beam_builder(name)(shards=shards, task=task, caption_key=caption_key, data_dir=data_dir,
                                   file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(beam_options=options))
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(beam_options=options))
+    except Exception as e:
+      if _NO_EXAMPLES in str(e):  # TFDS's writer refuses an empty split (inside a Beam stage's error)
+        written.append(0)
+      raise
     written.append(builder.info.splits[builders.SPLIT].num_examples)
-  return builders.build_atomically(name, dst, build, lambda: written[0] if written else None, overwrite)
+  try:
+    return builders.build_atomically(name, dst, build, lambda: written[0] if written else None, overwrite)
+  except builders.EmptyDatasetError:
+    raise builders.EmptyDatasetError(
+        f"--src {src}: every sample was skipped (per-reason counts: the workers' `nextstep_wds` metrics and "
+        f"warnings); nothing was written to {dst} — check --task / --caption-key or the shards") from None

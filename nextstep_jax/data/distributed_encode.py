@@ -130,7 +130,14 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
     if num_processes is None or process_id is None:
       raise DatasetError("--coordinator needs --num-processes and --process-id")
     kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    if coordinator:
+      raise DatasetError(f"--distributed: could not join the coordinator {coordinator} as process {process_id} of "
+                         f"{num_processes} ({e})") from None
+    raise DatasetError(f"--distributed found no coordinator to join ({e}); off a TPU pod pass --coordinator "
+                       f"HOST:PORT --num-processes N --process-id I") from None
   return jax.process_index(), jax.process_count()
 
 

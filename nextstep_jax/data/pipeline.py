@@ -85,7 +85,7 @@ def open_sources(cfg: Any) -> list[TfdsSource]:
     if len(src) == 0:
       raise DatasetError(f"{where} is empty")
     if cfg.encode_on_the_fly:
-      if src.kind == "edit" or src.storage == "latents":
+      if src.kind in ("edit", "interleave") or src.storage == "latents":
         raise DatasetError(f"{where}: encode_on_the_fly=True reads raw-image text-to-image (and text) datasets "
                            f"only; got {src.name}. Use latent caches with encode_on_the_fly=False")
     elif src.storage == "pixels":

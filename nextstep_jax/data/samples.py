@@ -113,8 +113,6 @@ class ToSample:
       return _sample(ids, np.concatenate([t for t, _ in parts]),
                      np.concatenate([np.full((len(t),), w, np.float32) for t, w in parts]), grids)
     if self.kind == "interleave":
-      if self.storage != "latents":
-        raise ValueError(f"source {self.source}: interleaved data must be a latent cache (nextstep-jax data encode)")
       from nextstep_jax.data.interleaved import interleaved_sample
       ids, tokens, loss, grids = interleaved_sample(tok, record, rng, self.token_dim, self.seq_len,
                                                     max(h * w for h, w in self.grids), self.edit_drops)

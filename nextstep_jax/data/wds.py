@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import tarfile
@@ -27,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from nextstep_jax.data.builders import IMAGE_EXTENSIONS, DatasetError
+from nextstep_jax.data.builders import IMAGE_EXTENSIONS, DatasetError, EmptyDatasetError, write_dataset
 from nextstep_jax.data.records import meta_json
 
 TASKS = ("auto", "text", "t2i", "edit", "interleave")
@@ -35,13 +36,14 @@ TASK_BUILDERS = {"text": "ns_text", "t2i": "ns_image_text", "edit": "ns_interlea
 IMAGE_TAG_RE = re.compile(r"<image_(\d+)>")
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _INDEXED_BASE = re.compile(r"^(.*)-(\d+)$")
+logger = logging.getLogger("nextstep_jax.data")
 
 BUILD_SKIP_REASONS: dict[str, str] = {
     "bad_json": "key.json is not valid JSON (or not an object)",
     "no_caption": "no caption / text field (json caption key, or .txt)",
     "missing_image": "a <image_n> placeholder names an image the sample does not have (or there is no image)",
     "wrong_task": "the sample's images / placeholders do not fit the build's --task",
-    "corrupt_shard": "the rest of a tar shard could not be read (truncated or not a tar)",
+    "corrupt_shard": "a tar shard is torn (truncated or not a tar from some point on): the sample in flight",
 }
 
 
@@ -88,9 +90,23 @@ def _split_name(name: str) -> tuple[str, str]:
   return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
+def _has_end_marker(path: str) -> bool:
+  """A complete tar ends with two zero 512-byte blocks; a shard cut at a member boundary reads as a shorter tar
+  without them (tarfile does not complain), so this is how a torn shard is told from a short one."""
+  size = os.path.getsize(path)
+  if size < 1024 or size % 512:
+    return False
+  with open(path, "rb") as f:
+    f.seek(size - 1024)
+    return not any(f.read(1024))
+
+
 def iter_tar_samples(path: str, counts: SkipCounter | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
   """Streams one tar shard → (key, {"json": bytes?, "txt": bytes?, "image": (ext, bytes)?, "images": {n: bytes}})
-  grouping consecutive members of one sample (`key.*` and `key-{n}.*`, the official rule)."""
+  grouping consecutive members of one sample (`key.*` and `key-{n}.*`, the official rule).
+
+  A torn shard (truncated, or not a tar from some point on) yields the samples before the damage; the sample in
+  flight is dropped, counted once as `corrupt_shard`, and one warning names the shard."""
   current, sample = None, {}
   try:
     with tarfile.open(path, "r|*") as tar:
@@ -114,12 +130,14 @@ def iter_tar_samples(path: str, counts: SkipCounter | None = None) -> Iterator[t
           sample["image"] = data
         elif ext in ("json", "txt"):
           sample[ext] = data
+    if not _has_end_marker(path):
+      raise tarfile.ReadError("truncated: no end-of-archive blocks")
   except (tarfile.TarError, OSError, EOFError) as e:
     if counts is not None:
       counts.skip("corrupt_shard")
-    import logging
-    logging.getLogger("nextstep_jax.data").warning("shard %s: %s: %s (rest of the shard skipped)", path,
-                                                     type(e).__name__, e)
+    logger.warning("shard %s: %s: %s (the rest of the shard and the sample in flight are skipped)", path,
+                   type(e).__name__, e)
+    return
   if current is not None:
     yield current, sample
 
@@ -271,14 +289,22 @@ def img2dataset_examples(src: str) -> tuple[str, Callable[[], Iterator[tuple[str
 def _parquet_gen(files: list[str], counts: SkipCounter) -> Callable[[], Iterator[tuple[str, dict]]]:
   import pyarrow.parquet as pq
 
+  image_cols = {}
+  for path in files:  # every shard's columns checked before the build starts
+    try:
+      names = pq.read_schema(path).names
+    except Exception as e:  # noqa: BLE001 — pyarrow raises its own error types for unreadable files
+      raise DatasetError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from None
+    image_cols[path] = next((c for c in ("jpg", "png", "webp", "image") if c in names), None)
+    if image_cols[path] is None or "caption" not in names:
+      raise DatasetError(f"{path}: img2dataset parquet needs an image bytes column (jpg/png/webp/image) and "
+                         f"'caption'; it has {names}")
+
   def gen():
     for j, path in enumerate(files):
       pf = pq.ParquetFile(path)
       names = pf.schema_arrow.names
-      image_col = next((c for c in ("jpg", "png", "webp", "image") if c in names), None)
-      if image_col is None or "caption" not in names:
-        raise DatasetError(f"{path}: img2dataset parquet needs an image bytes column (jpg/png/webp) and 'caption'; "
-                           f"has {names}")
+      image_col = image_cols[path]
       cols = [c for c in (image_col, "caption", "key", "url") if c in names]
       i = 0
       for batch in pf.iter_batches(columns=cols, batch_size=256):
@@ -357,8 +383,6 @@ FOREIGN_KINDS = ("wds", "img2dataset", "hf")
 def build_foreign(kind: str, src: str, dst: str | os.PathLike, task: str = "auto", caption_key: str = "caption",
                   image_column: str = "image", text_column: str = "", overwrite: bool = False) -> tuple[str, dict]:
   """`data build --kind wds|img2dataset|hf` in this process → (version dir, skip counts)."""
-  from nextstep_jax.data.builders import write_dataset
-
   if not src:
     raise DatasetError(f"--kind {kind} needs --src (shard pattern, folder or saved dataset)")
   if kind == "wds":
@@ -369,5 +393,10 @@ def build_foreign(kind: str, src: str, dst: str | os.PathLike, task: str = "auto
     name, gen, counts = hf_examples(src, image_column, text_column)
   else:
     raise DatasetError(f"--kind {kind!r} is not one of {FOREIGN_KINDS}")
-  out = write_dataset(name, dst, gen, overwrite=overwrite)
+  try:
+    out = write_dataset(name, dst, gen, overwrite=overwrite)
+  except EmptyDatasetError:
+    why = f"all {counts['skipped_total']} samples were skipped ({summary(counts)})" if counts else "it holds no samples"
+    raise EmptyDatasetError(f"--src {src}: {why}; nothing was written to {dst} — check --task / --caption-key "
+                            f"(--text-column / --image-column for hf) or the shards") from None
   return out, dict(counts)

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from nextstep_jax import file_manifest
+from nextstep_jax.data import elastic
 from nextstep_jax.errors import UserError, find_os_error, os_error_line, warn
 from nextstep_jax.paths import is_url, resolve
 
@@ -37,7 +38,6 @@ DAMAGED = "checkpoints_damaged"
 
 def _data_args(data_iter: Any, save: bool) -> Any:
   """Grain's handler; for `config.data.elastic_resume` iterators the one that restores onto another process count."""
-  from nextstep_jax.data import elastic
   if isinstance(data_iter, elastic.ElasticIterator):
     return (elastic.CheckpointSave if save else elastic.CheckpointRestore)(data_iter)
   return (grain.checkpoint.CheckpointSave if save else grain.checkpoint.CheckpointRestore)(data_iter)

@@ -7,16 +7,20 @@ metadata step). Keys are shard index · 10⁹ + sample index, so the record orde
 the pipeline and its warnings use — does not depend on W or on how the runner split the work. A failed bundle is
 retried by the runner; the rest is not redone.
 
-Runners: DirectRunner with `direct_num_workers=W` processes here (`--beam-options` adds or overrides flags); at
-scale `--beam-options='--runner=DataflowRunner --project=… --region=… --temp_location=gs://…'` (or Flink/Spark)
-with `--dst gs://…`. Skipped samples are counted in Beam metrics (`nextstep_wds` namespace, one counter per
-reason) and logged by each worker.
+Runners: DirectRunner with `direct_num_workers=W` processes here; `--beam-options` adds or overrides flags, e.g.
+`--beam-options='--runner=DataflowRunner --project=… --region=… --temp_location=gs://…'` (or Flink/Spark; not
+run here). Shards and the output are opened as local paths, so on a cluster they must be a mount every worker
+sees (gcsfuse, NFS). The dataset is built in a temporary sibling and renamed into place
+(`builders.build_atomically`); a build whose every sample is skipped leaves nothing. Skipped samples are counted
+in Beam metrics (`nextstep_wds` namespace, one counter per reason) and logged by each worker.
 """
 from __future__ import annotations
 
 import os
 import shlex
 from typing import Iterator
+
+import tensorflow_datasets as tfds
 
 from nextstep_jax.data import builders, wds
 
@@ -67,8 +71,6 @@ def build_wds_beam(src: str, dst: str | os.PathLike, task: str = "auto", workers
     from apache_beam.options.pipeline_options import PipelineOptions
   except ImportError:
     raise builders.DatasetError("--workers needs Apache Beam: pip install 'nextstep_jax[beam]' (apache-beam)") from None
-  import tensorflow_datasets as tfds
-
   if workers <= 0:
     raise builders.DatasetError(f"--workers must be positive, got {workers}")
   shards = [os.path.abspath(s) for s in wds.expand_shards(src)]

@@ -17,15 +17,19 @@ Checkpointing: `CheckpointSave(it)` / `CheckpointRestore(it)` (an Orbax handler 
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import json
+import re
 from typing import Any
 
 import grain
+import orbax.checkpoint as ocp
 
 from nextstep_jax.config import ConfigError
+from nextstep_jax.data import pipeline
 from nextstep_jax.data.config import DataConfig
+from nextstep_jax.data.packing import PackBatchIterDataset
+from nextstep_jax.tokens import load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +117,6 @@ class ElasticIterator(grain.DatasetIterator):
     self._build(schedule or Schedule(process_index, process_count))
 
   def _build(self, schedule: Schedule) -> None:
-    from nextstep_jax.data import pipeline
-    from nextstep_jax.data.packing import PackBatchIterDataset
-    from nextstep_jax.tokens import load_tokenizer
-
     cfg = self._cfg
     tok = load_tokenizer(cfg.tokenizer)
     self._schedule = schedule
@@ -178,8 +178,6 @@ class ElasticCheckpointHandler(grain.checkpoint.CheckpointHandler):
   """Grain's Orbax handler (same files); restore reads every process's file, so the layout may change."""
 
   def restore(self, directory, item=None, args=None):
-    import re
-
     item = item or args.item
     texts = {}
     for f in directory.iterdir():
@@ -192,20 +190,16 @@ class ElasticCheckpointHandler(grain.checkpoint.CheckpointHandler):
     return item
 
 
-try:
-  import orbax.checkpoint as ocp
+@ocp.args.register_with_handler(ElasticCheckpointHandler, for_save=True)
+@dataclasses.dataclass
+class CheckpointSave(ocp.args.CheckpointArgs):
+  item: Any
 
-  @ocp.args.register_with_handler(ElasticCheckpointHandler, for_save=True)
-  @dataclasses.dataclass
-  class CheckpointSave(ocp.args.CheckpointArgs):
-    item: Any
 
-  @ocp.args.register_with_handler(ElasticCheckpointHandler, for_restore=True)
-  @dataclasses.dataclass
-  class CheckpointRestore(ocp.args.CheckpointArgs):
-    item: Any
-except ImportError:  # Orbax is optional for the data pipeline
-  pass
+@ocp.args.register_with_handler(ElasticCheckpointHandler, for_restore=True)
+@dataclasses.dataclass
+class CheckpointRestore(ocp.args.CheckpointArgs):
+  item: Any
 
 
 def make_elastic_iterator(cfg: DataConfig, process_index: int, process_count: int) -> ElasticIterator:

@@ -15,19 +15,15 @@ and a sequence keeps at most seq_len // (2 · largest bucket's tokens) images (a
 """
 from __future__ import annotations
 
-import json
-import logging
-import os
-from collections import defaultdict
-from typing import Callable, Sequence
+import re
+from typing import Sequence
 
 import numpy as np
 
-from nextstep_jax.data.records import SKIP_REASONS, BadRecord, require_text, to_str
+from nextstep_jax.data.records import BadRecord, require_text, to_str
 from nextstep_jax.data.wds import IMAGE_TAG_RE
-from nextstep_jax.tokens import SPECIAL_TOKENS, EditDropProbs
+from nextstep_jax.tokens import IMAGE_PLACEHOLDER_TOKEN, SPECIAL_TOKENS, EditDropProbs
 
-logger = logging.getLogger("nextstep_jax.data")
 INTERLEAVE_TAGS_ONLY_PROB = 0.1  # official video_interleave.py
 THREE_IMAGE_DROP_PROB = 0.3  # official image_editing_interleave.py (first image 0.3, second 0.7 of those)
 
@@ -113,84 +109,9 @@ def interleaved_sample(tok, record: dict, rng: np.random.Generator, token_dim: i
   return ids, np.concatenate([per_image[n] for n in order]), np.concatenate(loss), [grids[n] for n in order]
 
 
-# ----------------------------------------------------------------------------------------------- latent cache
-
-
-def encode_interleaved(source, dst: str | os.PathLike, encode: Callable[[np.ndarray], np.ndarray], grids,
-                       down_factor: int, batch_size: int = 16, min_size_ratio: float = 1.0, overwrite: bool = False,
-                       indices: Sequence[int] | None = None, progress: bool = True) -> tuple[str, dict]:
-  """An `ns_interleaved` TfdsSource → `ns_latent_interleaved` under dst; every image fitted to its own bucket.
-
-  Records are encoded in chunks of `batch_size` records; the chunk's images are grouped by bucket and encoded in
-  fixed-size batches (one compilation per bucket). Output order = input order (of `indices`, default all).
-  """
-  from tqdm.auto import tqdm
-
-  from nextstep_jax.data.builders import write_dataset
-  from nextstep_jax.data.samples import prepare_image
-
-  counts: dict[str, int] = defaultdict(int)
-  indices = list(range(len(source))) if indices is None else list(indices)
-
-  def prepare(index: int):
-    rec = source[index]
-    caption = require_text(rec["caption"], "caption")
-    meta = json.loads(to_str(rec.get("meta")) or "{}")
-    meta["source_index"] = int(index)
-    prepared = [prepare_image(data, grids, down_factor, min_size_ratio) for data in rec["images"]]
-    if not prepared:
-      raise BadRecord("undecodable", "record has no images")
-    return prepared, dict(caption=caption, task=to_str(rec.get("task")) or "interleave",
-                          meta=json.dumps(meta, sort_keys=True))
-
-  def encode_chunk(chunk):
-    by_grid = defaultdict(list)  # grid → [(record slot, image slot, pixels)]
-    for r, (prepared, _) in enumerate(chunk):
-      for j, (pixels, grid) in enumerate(prepared):
-        by_grid[grid].append((r, j, pixels))
-    tokens = [[None] * len(p) for p, _ in chunk]
-    for grid, items in sorted(by_grid.items()):
-      for lo in range(0, len(items), batch_size):
-        part = items[lo:lo + batch_size]
-        x = np.stack([p for _, _, p in part])
-        if len(part) < batch_size:
-          x = np.concatenate([x, np.repeat(x[-1:], batch_size - len(part), axis=0)])
-        out = encode(x)
-        for (r, j, _), t in zip(part, out):
-          tokens[r][j] = t
-    for r, (prepared, fields) in enumerate(chunk):
-      counts["encoded"] += 1
-      yield dict(tokens=np.concatenate(tokens[r]).astype(np.float32),
-                 grids=np.asarray([g for _, g in prepared], np.int32), **fields)
-
-  def gen():
-    chunk, key = [], 0
-    for index in tqdm(indices, desc=f"encode {source.name}", disable=not progress):
-      try:
-        chunk.append(prepare(index))
-      except BadRecord as e:
-        counts[f"skipped/{e.reason}"] += 1
-        counts["skipped_total"] += 1
-        logger.warning("skipping record %s[%d]: %s (%s)", source.name, index, SKIP_REASONS[e.reason], e.detail)
-        continue
-      if len(chunk) == batch_size:
-        for ex in encode_chunk(chunk):
-          yield key, ex
-          key += 1
-        chunk = []
-    for ex in encode_chunk(chunk):
-      yield key, ex
-      key += 1
-
-  out = write_dataset("ns_latent_interleaved", dst, gen, overwrite=overwrite)
-  return out, dict(counts)
-
-
 def describe(tok, ids: Sequence[int]) -> str:
   """Decoded row with every run of image placeholders shortened to `<|image_placeholder|>×n`."""
-  import re
-
-  from nextstep_jax.tokens import IMAGE_PLACEHOLDER_TOKEN as ph
+  ph = IMAGE_PLACEHOLDER_TOKEN
   return re.sub(f"(?:{re.escape(ph)})+", lambda m: f"{ph}×{len(m.group(0)) // len(ph)}", tok.decode(list(ids)))
 
 

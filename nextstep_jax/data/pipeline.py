@@ -152,8 +152,8 @@ def _records_per_pass(cfg: DataConfig, process_count: int) -> int:
 def make_iterator(cfg: Any, process_index: int | None = None, process_count: int | None = None) -> "DataIterator":
   """A checkpointable iterator of process-local numpy batches (see the module docstring)."""
   cfg = _config(cfg)
-  if cfg.elastic_resume:  # one global mixture stream split by process (data/elastic.py)
-    from nextstep_jax.data.elastic import make_elastic_iterator
+  if cfg.elastic_resume:  # one global mixture stream split by process
+    from nextstep_jax.data.elastic import make_elastic_iterator  # (elastic.py builds on this module)
     return make_elastic_iterator(cfg, *_process(process_index, process_count))
   return DataIterator(iter(make_dataset(cfg, process_index, process_count)), cfg.max_warnings_per_reason)
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from nextstep_jax.data.buckets import nearest_bucket
+from nextstep_jax.data.interleaved import interleaved_sample
 from nextstep_jax.data.records import BadRecord, decode_image, require_text
 from nextstep_jax.images import resize_center_crop
 from nextstep_jax.models.image_grid import grid_slots
@@ -113,7 +114,6 @@ class ToSample:
       return _sample(ids, np.concatenate([t for t, _ in parts]),
                      np.concatenate([np.full((len(t),), w, np.float32) for t, w in parts]), grids)
     if self.kind == "interleave":
-      from nextstep_jax.data.interleaved import interleaved_sample
       ids, tokens, loss, grids = interleaved_sample(tok, record, rng, self.token_dim, self.seq_len,
                                                     max(h * w for h, w in self.grids), self.edit_drops)
       return _sample(ids, tokens, loss, grids)

@@ -28,6 +28,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from braceexpand import braceexpand
+
 from nextstep_jax.data.builders import IMAGE_EXTENSIONS, DatasetError, EmptyDatasetError, write_dataset
 from nextstep_jax.data.records import meta_json
 
@@ -62,8 +64,6 @@ class SkipCounter(Counter):
 def expand_shards(spec: str | os.PathLike, suffixes: tuple[str, ...] = (".tar",)) -> list[str]:
   """Brace patterns (`a/{000..009}.tar`, several joined by ',' inside braces), globs, files or a folder → sorted
   existing files. Raises DatasetError naming the first missing one."""
-  from braceexpand import braceexpand
-
   spec = str(spec)
   if os.path.isdir(spec):
     found = sorted(str(p) for p in Path(spec).rglob("*") if p.suffix in suffixes)

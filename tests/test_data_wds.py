@@ -257,9 +257,12 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
        "give --parts P and --part N with 0 <= N < P"),
       (["encode", "--src", str(tmp_path / "x"), "--vae", str(tmp_path / "v"), "--merge", "2"],
        "part 0 of 2 is not finished"),
+      (["encode", "--src", str(tmp_path / "x"), "--vae", str(tmp_path / "v"), "--dst", "gs://b/lat"],
+       "--dst gs://b/lat: datasets are written to local paths; mount the bucket"),
   ]
   for args, message in cases:
-    assert cli.main(["data", *args, "--dst", str(tmp_path / "out")]) == 2, args
+    dst = [] if "--dst" in args else ["--dst", str(tmp_path / "out")]
+    assert cli.main(["data", *args, *dst]) == 2, args
     raw = capsys.readouterr().err  # (TFDS's progress bars aside) one error line, no traceback
     err = [line for line in raw.splitlines() if line.startswith("nextstep-jax")]
     assert len(err) == 1 and message in err[0] and "Traceback" not in raw, (args, raw)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 from nextstep_jax.commands.arg_types import COUNT, FRACTION, GUIDANCE, NON_NEGATIVE_INT, POSITIVE, number
+from nextstep_jax.paths import is_url
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,9 +76,18 @@ def register(sub: argparse._SubParsersAction) -> None:
   _register_prefs(actions)  # DPO preference pairs (nextstep_jax/apps/preference_pairs.py)
 
 
+def _local_dst(args) -> None:
+  """Datasets and latent-cache parts are written as local files (a temporary sibling renamed into place)."""
+  if is_url(args.dst):
+    raise ValueError(f"--dst {args.dst}: datasets are written to local paths; mount the bucket on every worker "
+                     f"(e.g. gcsfuse at /gcs/BUCKET) and pass the mounted path")
+
+
 def _build(args) -> int:
   from nextstep_jax.data import wds
   from nextstep_jax.data.builders import build_dataset, open_dataset
+
+  _local_dst(args)
 
   if args.kind in wds.FOREIGN_KINDS:
     if args.workers:
@@ -103,6 +113,7 @@ def _encode(args) -> int:
   from nextstep_jax.data.builders import open_dataset
   from nextstep_jax.data.latent_cache import encode_with_model, vae_encoder
 
+  _local_dst(args)
   parted = bool(args.parts) or args.part is not None
   if sum((bool(args.merge), args.distributed, parted)) > 1:
     raise ValueError("--merge P, --distributed and --parts P --part N are separate modes; give one of them")

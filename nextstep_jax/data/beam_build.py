@@ -70,7 +70,8 @@ def build_wds_beam(src: str, dst: str | os.PathLike, task: str = "auto", workers
     import apache_beam  # noqa: F401
     from apache_beam.options.pipeline_options import PipelineOptions
   except ImportError:
-    raise builders.DatasetError("--workers needs Apache Beam: pip install 'nextstep_jax[beam]' (apache-beam)") from None
+    raise builders.DatasetError("--workers needs Apache Beam, in its own environment (it pins older pillow / "
+                                "protobuf / pyarrow): pip install -c constraints-beam.txt -e '.[beam]'") from None
   if workers <= 0:
     raise builders.DatasetError(f"--workers must be positive, got {workers}")
   shards = [os.path.abspath(s) for s in wds.expand_shards(src)]

@@ -224,7 +224,6 @@ def write_dataset(builder_name: str, dst: str | os.PathLike, examples: Callable[
   def build(data_dir: str) -> None:
     _BUILDERS[builder_name](examples=counted, data_dir=data_dir, file_format="array_record").download_and_prepare()
   return build_atomically(builder_name, dst, build, lambda: count, overwrite)
-  return str(out)
 
 
 # ----------------------------------------------------------------------------------------------- sources

@@ -21,9 +21,9 @@ from typing import Sequence
 import numpy as np
 
 from nextstep_jax.data.records import BadRecord, require_text, to_str
-from nextstep_jax.data.wds import IMAGE_TAG_RE
 from nextstep_jax.tokens import IMAGE_PLACEHOLDER_TOKEN, SPECIAL_TOKENS, EditDropProbs
 
+IMAGE_TAG_RE = re.compile(r"<image_(\d+)>")  # where image n goes in an official caption
 INTERLEAVE_TAGS_ONLY_PROB = 0.1  # official video_interleave.py
 THREE_IMAGE_DROP_PROB = 0.3  # official image_editing_interleave.py (first image 0.3, second 0.7 of those)
 

@@ -31,11 +31,11 @@ from typing import Any, Callable, Iterable, Iterator
 from braceexpand import braceexpand
 
 from nextstep_jax.data.builders import IMAGE_EXTENSIONS, DatasetError, EmptyDatasetError, write_dataset
+from nextstep_jax.data.interleaved import IMAGE_TAG_RE
 from nextstep_jax.data.records import meta_json
 
 TASKS = ("auto", "text", "t2i", "edit", "interleave")
 TASK_BUILDERS = {"text": "ns_text", "t2i": "ns_image_text", "edit": "ns_interleaved", "interleave": "ns_interleaved"}
-IMAGE_TAG_RE = re.compile(r"<image_(\d+)>")
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _INDEXED_BASE = re.compile(r"^(.*)-(\d+)$")
 logger = logging.getLogger("nextstep_jax.data")

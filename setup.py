@@ -27,6 +27,7 @@ setup(
         "safetensors",
         "pillow",
         "tqdm",
+        "braceexpand",
         "tensorboardX",
         "fastapi",  # `nextstep-jax serve`
         "uvicorn",
@@ -34,7 +35,13 @@ setup(
         "prometheus_client",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "openai", "httpx"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "openai", "httpx", "webdataset", "datasets"],
+        # `data build --kind hf` (datasets.load_from_disk) and img2dataset parquet shards (pyarrow)
+        "data": ["datasets", "pyarrow"],
+        # `data build --kind wds --workers W` (Beam through TFDS). apache-beam pins pillow<13 / protobuf<7 /
+        # pyarrow<26, older than constraints.txt: install it in its own environment with constraints-beam.txt
+        # (.ci/run does; pytest marker `beam`)
+        "beam": ["apache-beam"],
         "tpu": ["jax[tpu]"],
     },
     entry_points={"console_scripts": ["nextstep-jax=nextstep_jax.cli:main"]},

@@ -3,7 +3,7 @@
 Refresh (in an environment where `pip install -e ".[test,tpu]"` works and the tests pass):
 
   python .ci/freeze_constraints.py > constraints.txt            # extras test,tpu (what .ci/run installs)
-  python .ci/freeze_constraints.py --extras test,tpu,serve > constraints.txt
+  python .ci/freeze_constraints.py --extras test,beam > constraints-beam.txt  # in the Beam venv (see .ci/run)
 
 Reads install_requires and the given extras from setup.py, walks their requirements through the installed
 distributions' metadata (markers evaluated here, extras followed), and pins each to its installed version — like
@@ -67,9 +67,14 @@ def main() -> None:
   extras = tuple(e for e in ap.parse_args().extras.split(",") if e)
   pins = closure(setup_requirements(extras))
   pins.pop("nextstep-jax", None)
-  print("# Tested versions of every dependency of nextstep_jax (direct and transitive), from one environment that")
-  print("# passes the tests. Used by .ci/run and the README install command:  pip install -c constraints.txt -e .")
-  print("# Refresh: python .ci/freeze_constraints.py > constraints.txt   (after adding a dependency to setup.py)")
+  if "beam" in extras:  # apache-beam needs older pillow / protobuf / pyarrow: its own environment
+    print("# Tested versions for the Beam environment (.ci/run's second venv, the `beam` tests):")
+    print('#   pip install -c constraints-beam.txt -e ".[test,beam]"')
+    print("# Refresh there: python .ci/freeze_constraints.py --extras test,beam > constraints-beam.txt")
+  else:
+    print("# Tested versions of every dependency of nextstep_jax (direct and transitive), from one environment that")
+    print("# passes the tests. Used by .ci/run and the README install command:  pip install -c constraints.txt -e .")
+    print("# Refresh: python .ci/freeze_constraints.py > constraints.txt   (after adding a dependency to setup.py)")
   for name in sorted(pins):
     print(f"{name}=={pins[name]}")
 

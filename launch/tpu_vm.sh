@@ -8,6 +8,9 @@
 #   supervise  like up, then keep it alive: recreate + reinstall + relaunch after a preemption
 #              (training resumes from the newest checkpoint in --workdir); exits when training ends
 #   create | install | train    the single steps of up
+#   encode     latent caching as a multi-host JAX job: `nextstep-jax data encode --distributed ARGS` (ARGS
+#              after --, e.g. -- --src gs://B/raw --dst gs://B/latents --vae gs://B/model) on every worker,
+#              one process per host, each encoding its part; host 0 merges (log: ~/nextstep/logs/encode.log)
 #   status     the TPU's state and whether training runs on worker 0
 #   logs       tail each worker's log (~/nextstep/logs/train.log)
 #   delete     delete the TPU (and the queued resource)
@@ -192,6 +195,13 @@ train_remote() {  # start training detached; its exit code lands in train.rc, it
     " else rm -f train.rc; nohup bash -c $(dq "$inner") >> logs/train.log 2>&1 < /dev/null & echo \$! > train.pid; fi"
 }
 
+encode_remote() {  # start the encode detached on this worker; exit code in encode.rc
+  local inner
+  inner="$(quote_cmd venv/bin/nextstep-jax data encode --distributed "${EXTRA_TRAIN[@]}"); echo \$? > encode.rc"
+  printf '%s' "cd $REMOTE_DIR && mkdir -p logs && rm -f encode.rc" \
+    " && nohup bash -c $(dq "$inner") >> logs/encode.log 2>&1 < /dev/null &"
+}
+
 JOB_PROBE="cd $REMOTE_DIR 2>/dev/null && if [ -f train.rc ]; then echo \"EXITED \$(cat train.rc)\";"
 JOB_PROBE+=" elif [ -f train.pid ] && kill -0 \"\$(cat train.pid)\" 2>/dev/null; then echo RUNNING;"
 JOB_PROBE+=" else echo NONE; fi || echo NONE"
@@ -207,6 +217,11 @@ install_package() {
 }
 
 launch_training() { ssh_cmd all "$(train_remote)" && run "${CMD[@]}"; }
+launch_encode() {
+  [[ ${#EXTRA_TRAIN[@]} -gt 0 ]] ||
+    die "encode needs the data encode arguments after --, e.g. -- --src gs://B/raw --dst gs://B/lat --vae gs://B/m"
+  ssh_cmd all "$(encode_remote)" && run "${CMD[@]}"
+}
 
 resource_state() {  # resource_state VAR: READY/ACTIVE, PREEMPTED, SUSPENDED, ..., or NOT_FOUND
   local ready=ACTIVE field=state.state
@@ -304,9 +319,9 @@ main() {
   local command=${1:-}
   case $command in
     -h | --help) usage; exit 0 ;;
-    up | supervise | create | install | train | status | logs | delete) shift ;;
-    "" | -*) die "a command is required: up supervise create install train status logs delete" ;;
-    *) die "unknown command '$command' (up supervise create install train status logs delete)" ;;
+    up | supervise | create | install | train | encode | status | logs | delete) shift ;;
+    "" | -*) die "a command is required: up supervise create install train encode status logs delete" ;;
+    *) die "unknown command '$command' (up supervise create install train encode status logs delete)" ;;
   esac
   parse_args "$@"
   [[ $POLL =~ ^[0-9]+$ && $MAX_RESTARTS =~ ^[0-9]+$ && $MAX_FAILURES =~ ^[0-9]+$ && $TAIL_LINES =~ ^[0-9]+$ ]] ||
@@ -330,6 +345,7 @@ main() {
     create) create_resource ;;
     install) install_package ;;
     train) launch_training ;;
+    encode) launch_encode ;;
     status) status ;;
     logs) logs ;;
     delete) delete_resource ;;

@@ -4,7 +4,8 @@ Layout: `WORKDIR/checkpoints/<step>/{state,data}`. Saves are asynchronous (the s
 previous save is written) and atomic (Orbax writes a temporary directory and renames it when complete, so a
 killed process leaves the last *complete* checkpoint). `restore` takes an abstract state whose leaves carry the
 *target* shardings, so a checkpoint written on one mesh restores onto another. The data item is per process
-(`process_<i>-of-<n>.json`), restored into a fresh iterator built with the same config and process layout.
+(`process_<i>-of-<n>.json`), restored into a fresh iterator built with the same config and process layout (with
+`config.data.elastic_resume`, any number of processes: `nextstep_jax.data.elastic`).
 
 Verification (local single-process workdirs): once a step is complete, `WORKDIR/checkpoint_manifests/<step>.json`
 records its files' sizes and CRC-32s (`file_manifest.py`) and the model config. `latest_step` checks the newest
@@ -27,11 +28,19 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from nextstep_jax import file_manifest
+from nextstep_jax.data import elastic
 from nextstep_jax.errors import UserError, find_os_error, os_error_line, warn
 from nextstep_jax.paths import is_url, resolve
 
 MANIFESTS = "checkpoint_manifests"
 DAMAGED = "checkpoints_damaged"
+
+
+def _data_args(data_iter: Any, save: bool) -> Any:
+  """Grain's handler; for `config.data.elastic_resume` iterators the one that restores onto another process count."""
+  if isinstance(data_iter, elastic.ElasticIterator):
+    return (elastic.CheckpointSave if save else elastic.CheckpointRestore)(data_iter)
+  return (grain.checkpoint.CheckpointSave if save else grain.checkpoint.CheckpointRestore)(data_iter)
 
 
 class Checkpointer:
@@ -132,7 +141,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iter: Any | None, force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items["data"] = _data_args(data_iter, save=True)
     self.wait()
     try:
       saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -182,7 +191,7 @@ class Checkpointer:
     self._check_model(step, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      items["data"] = _data_args(data_iter, save=False)
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
     except Exception as e:

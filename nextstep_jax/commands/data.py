@@ -4,7 +4,11 @@
   nextstep-jax data build --kind image_text --src /photos --dst /data/photos   (sidecar .txt or one .jsonl)
   nextstep-jax data build --kind edit --src edits.jsonl --dst /data/edits      ({"source","target","instruction"})
   nextstep-jax data build --kind text --src /corpus --dst /data/text           (.txt files / .jsonl {"text"})
+  nextstep-jax data build --kind wds --src 'shards/{00000..01023}.tar' --dst /data/wds [--workers W]  (official)
+  nextstep-jax data build --kind img2dataset --src 'out/*.parquet' --dst /data/laion   (tar or parquet shards)
+  nextstep-jax data build --kind hf --src /saved_dataset --dst /data/hf                (datasets.save_to_disk)
   nextstep-jax data encode --src /data/shapes --dst /data/shapes_latents --vae MODEL_DIR --resolution 64
+  nextstep-jax data encode ... --parts 4 --part 2 ; ... --merge 4    (or --distributed: one part per JAX process)
   nextstep-jax data inspect --config configs/tiny.py --batches 2
   nextstep-jax data prefs --model MODEL_DIR --shapes 512 --dst /data/prefs --k 4 --scorer shapes
   nextstep-jax data prefs --src pairs.jsonl --vae MODEL_DIR --dst /data/prefs  ({"prompt","chosen","rejected"})
@@ -12,9 +16,9 @@
 from __future__ import annotations
 
 import argparse
-import re
 
 from nextstep_jax.commands.arg_types import COUNT, FRACTION, GUIDANCE, NON_NEGATIVE_INT, POSITIVE, number
+from nextstep_jax.paths import is_url
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +26,18 @@ def register(sub: argparse._SubParsersAction) -> None:
   actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
   b = actions.add_parser("build", help="write a TFDS ArrayRecord dataset from files (or generate shapes)")
-  b.add_argument("--kind", required=True, help="image_text | edit | text | shapes")
-  b.add_argument("--src", default=None, help="source folder or .jsonl (not needed for shapes)")
+  b.add_argument("--kind", required=True, help="image_text | edit | text | shapes | wds (official NextStep WebDataset "
+                 "shards) | img2dataset (tar/parquet shards) | hf (datasets save_to_disk folder)")
+  b.add_argument("--src", default=None, help="source folder or .jsonl (not needed for shapes); shard pattern for wds / "
+                 "img2dataset ('shards/{00000..01023}.tar', a glob or a folder)")
+  b.add_argument("--task", default="auto", help="wds: text | t2i | edit | interleave | auto (from the first sample)")
+  b.add_argument("--caption-key", default="caption", help="wds: the key.json field holding the caption")
+  b.add_argument("--workers", type=NON_NEGATIVE_INT, default=0, help="wds: build on Apache Beam with W DirectRunner workers "
+                 "(0: in this process)")
+  b.add_argument("--beam-options", default="", help="wds with --workers: extra Beam pipeline flags (e.g. "
+                 "'--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp')")
+  b.add_argument("--image-column", default="image", help="hf: image column")
+  b.add_argument("--text-column", default="", help="hf: caption / text column (default caption, then text)")
   b.add_argument("--dst", required=True, help="output directory (the dataset lands in DST/<builder>/1.0.0)")
   b.add_argument("--num", type=COUNT, default=1000, help="shapes: number of examples")
   b.add_argument("--size", type=COUNT, default=64, help="shapes: image side in pixels")
@@ -43,18 +57,51 @@ def register(sub: argparse._SubParsersAction) -> None:
   e.add_argument("--min-size-ratio", type=FRACTION, default=1.0,
                  help="skip images smaller than this fraction of their bucket (1.0: never upscale)")
   e.add_argument("--overwrite", action="store_true")
+  e.add_argument("--parts", type=NON_NEGATIVE_INT, default=0, help="split the encode into P parts (with --part, or --merge P)")
+  e.add_argument("--part", type=NON_NEGATIVE_INT, default=None, help="encode only this part (0..P-1) into DST/parts/; rerun "
+                 "a failed part the same way")
+  e.add_argument("--merge", type=NON_NEGATIVE_INT, default=0, help="only merge P finished parts in DST into one dataset")
+  e.add_argument("--distributed", action="store_true", help="multi-process JAX job: part = jax.process_index() of "
+                 "jax.process_count(); process 0 merges (launch/ starts one process per host)")
+  e.add_argument("--coordinator", default=None, help="with --distributed off a TPU pod: coordinator host:port")
+  e.add_argument("--num-processes", type=COUNT, default=None)
+  e.add_argument("--process-id", type=NON_NEGATIVE_INT, default=None)
   e.set_defaults(func=_encode)
 
   i = actions.add_parser("inspect", help="print the shapes and a decoded row of the first training batches")
   i.add_argument("--config", required=True, help="experiment config file (its `data` section is used)")
   i.add_argument("--batches", type=COUNT, default=1)
+  i.add_argument("--chars", type=COUNT, default=400, help="characters of the decoded row to print")
   i.set_defaults(func=_inspect)
   _register_prefs(actions)  # DPO preference pairs (nextstep_jax/apps/preference_pairs.py)
 
 
+def _local_dst(args) -> None:
+  """Datasets and latent-cache parts are written as local files (a temporary sibling renamed into place)."""
+  if is_url(args.dst):
+    raise ValueError(f"--dst {args.dst}: datasets are written to local paths; mount the bucket on every worker "
+                     f"(e.g. gcsfuse at /gcs/BUCKET) and pass the mounted path")
+
+
 def _build(args) -> int:
+  from nextstep_jax.data import wds
   from nextstep_jax.data.builders import build_dataset, open_dataset
 
+  _local_dst(args)
+
+  if args.kind in wds.FOREIGN_KINDS:
+    if args.workers:
+      if args.kind != "wds":
+        raise ValueError(f"--workers (Beam) builds --kind wds only, not {args.kind}")
+      from nextstep_jax.data.beam_build import build_wds_beam
+      out, counts = build_wds_beam(args.src, args.dst, args.task, args.workers, args.caption_key, args.beam_options,
+                                   args.overwrite), None
+    else:
+      out, counts = wds.build_foreign(args.kind, args.src, args.dst, args.task, args.caption_key, args.image_column,
+                                      args.text_column, args.overwrite)
+    skipped = "in Beam metrics (nextstep_wds)" if counts is None else wds.summary(counts)
+    print(f"wrote {len(open_dataset(out))} records → {out}; skipped: {skipped}")
+    return 0
   out = build_dataset(args.kind, args.dst, src=args.src, num=args.num, size=args.size, seed=args.seed,
                       overwrite=args.overwrite, check_resolution=args.resolution)
   print(f"wrote {len(open_dataset(out))} records → {out}")
@@ -62,10 +109,29 @@ def _build(args) -> int:
 
 
 def _encode(args) -> int:
-  from nextstep_jax.data.latent_cache import encode_with_model
+  from nextstep_jax.data import distributed_encode as de
+  from nextstep_jax.data.builders import open_dataset
+  from nextstep_jax.data.latent_cache import encode_with_model, vae_encoder
 
-  out, counts = encode_with_model(args.src, args.dst, args.vae, batch_size=args.batch, resolution=args.resolution,
-                                  buckets=args.buckets, min_size_ratio=args.min_size_ratio, overwrite=args.overwrite)
+  _local_dst(args)
+  parted = bool(args.parts) or args.part is not None
+  if sum((bool(args.merge), args.distributed, parted)) > 1:
+    raise ValueError("--merge P, --distributed and --parts P --part N are separate modes; give one of them")
+  if parted and (not args.parts or args.part is None or args.part >= args.parts):
+    raise ValueError(f"give --parts P and --part N with 0 <= N < P (got --parts {args.parts} --part {args.part})")
+  kw = dict(batch_size=args.batch, resolution=args.resolution, buckets=args.buckets,
+            min_size_ratio=args.min_size_ratio)
+  if args.merge:
+    out, counts = de.merge_parts(args.dst, args.merge)
+  else:
+    open_dataset(args.src)  # a wrong --src fails here, before the VAE loads
+    if args.distributed:
+      out, counts = de.encode_distributed(args.src, args.dst, args.vae, args.coordinator, args.num_processes,
+                                          args.process_id, progress=False, **kw)
+    elif parted:
+      out, counts = de.encode_part(args.src, args.dst, *vae_encoder(args.vae), args.part, args.parts, **kw)
+    else:
+      out, counts = encode_with_model(args.src, args.dst, args.vae, overwrite=args.overwrite, **kw)
   print(f"encoded {counts.get('encoded', 0)} records → {out}; skipped: "
         f"{ {k: v for k, v in counts.items() if k.startswith('skipped/')} or 'none'}")
   return 0
@@ -74,7 +140,8 @@ def _encode(args) -> int:
 def _inspect(args) -> int:
   from nextstep_jax.config import load_config
   from nextstep_jax.data import pipeline
-  from nextstep_jax.tokens import IMAGE_PLACEHOLDER_TOKEN, load_tokenizer
+  from nextstep_jax.data.interleaved import describe, image_blocks
+  from nextstep_jax.tokens import load_tokenizer
 
   cfg = load_config(args.config, args.config_overrides)
   if "data" not in cfg:
@@ -85,9 +152,10 @@ def _inspect(args) -> int:
     batch = next(it)
     print(f"batch {n}: " + ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in batch.items()))
     row = batch["input_ids"][0][batch["attention_mask"][0] == 1]
-    ph = IMAGE_PLACEHOLDER_TOKEN
-    text = re.sub(f"(?:{re.escape(ph)})+", lambda m: f"{ph}×{len(m.group(0)) // len(ph)}", tok.decode(row))
-    print(f"  row 0 ({len(row)} tokens): {text[:400]!r}")
+    print(f"  row 0 ({len(row)} tokens): {describe(tok, row)[:args.chars]!r}")
+    blocks = image_blocks(batch["image_token_grid"][0], batch["image_loss_mask"][0])
+    shown = ", ".join(f"{h}×{w}" + ("" if loss else " (no loss)") for h, w, loss in blocks) or "none"
+    print(f"  row 0 image blocks: {shown}")
   print(f"stats: {it.stats()}")
   it.close()
   return 0

@@ -19,6 +19,8 @@ images without a caption and images smaller than their bucket at `check_resoluti
   text          ns_text            text, meta (json: file, line)
   (data encode) ns_latent_t2i      tokens (n, D) float32, grid (2,) int32 [rows, cols], caption, meta
   (data encode) ns_latent_edit     src_tokens, src_grid, tgt_tokens, tgt_grid, instruction, meta
+  wds (edit / interleave)          ns_interleaved  images [bytes], caption (<image_n> tags), task, meta
+  (data encode) ns_latent_interleaved  tokens (Σn, D), grids (k, 2) [rows, cols] per image, caption, task, meta
 """
 from __future__ import annotations
 
@@ -49,7 +51,18 @@ DATASET_KINDS: dict[str, tuple[str, str]] = {
     "ns_text": ("text", "text"),
     "ns_latent_t2i": ("t2i", "latents"),
     "ns_latent_edit": ("edit", "latents"),
+    "ns_interleaved": ("interleave", "pixels"),
+    "ns_latent_interleaved": ("interleave", "latents"),
 }
+
+
+def _serialize_deterministically(self, example) -> bytes:
+  """TFDS's example serializer with map fields in sorted order (the default order differs between processes), so
+  a rebuilt shard — e.g. a redone encode part — is byte-identical."""
+  return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+
+tfds.core.example_serializer.ExampleSerializer.serialize_example = _serialize_deterministically
 
 
 class DatasetError(ValueError):
@@ -141,16 +154,34 @@ class NsLatentEdit(_NsBuilder):
                 meta=Text())
 
 
-_BUILDERS: dict[str, type] = {c.name: c for c in (NsImageText, NsShapes, NsEdit, NsText, NsLatentT2i, NsLatentEdit)}
+class NsInterleaved(_NsBuilder):
+  """Several images with text between them (official `<image_n>` captions): edit (loss on the last image) or
+  interleave (loss on every image), per record `task`."""
+
+  def _features(self):
+    return dict(images=tfds.features.Sequence(_bytes_feature()), caption=Text(), task=Text(), meta=Text())
+
+
+class NsLatentInterleaved(_NsBuilder):
+  """Latent cache of an interleaved dataset: every image's tokens concatenated in image order + their grids."""
+
+  def _features(self):
+    return dict(tokens=_tokens(), grids=Tensor(shape=(None, 2), dtype=np.int32), caption=Text(), task=Text(),
+                meta=Text())
+
+
+_BUILDERS: dict[str, type] = {c.name: c for c in (NsImageText, NsShapes, NsEdit, NsText, NsLatentT2i, NsLatentEdit,
+                                                  NsInterleaved, NsLatentInterleaved)}
 assert set(_BUILDERS) == set(DATASET_KINDS), _BUILDERS
 
 
-def write_dataset(builder_name: str, dst: str | os.PathLike, examples: Callable[[], Iterable[tuple[Any, dict]]],
-                  overwrite: bool = False) -> str:
-  """Writes examples (key, feature dict) as an ArrayRecord TFDS dataset under dst; returns its version dir.
+def build_atomically(builder_name: str, dst: str | os.PathLike, build: Callable[[str], None],
+                     count: Callable[[], int | None], overwrite: bool = False) -> str:
+  """Runs `build(data_dir)` (a TFDS builder's download_and_prepare under data_dir) in a temporary sibling of
+  dst and renames the finished dataset into place; returns its version dir.
 
-  Built in a temporary sibling and renamed into place at the end, so a failed or empty build leaves nothing
-  (and an existing dataset survives until its replacement is complete)."""
+  `count()` says how many examples were written (None: not known after a failure), so a build of zero examples
+  leaves nothing (EmptyDatasetError) and an existing dataset survives until its replacement is complete."""
   if builder_name not in _BUILDERS:
     raise DatasetError(f"unknown dataset builder {builder_name!r}; known: {sorted(_BUILDERS)}")
   dst = resolve_path(dst)
@@ -159,6 +190,29 @@ def write_dataset(builder_name: str, dst: str | os.PathLike, examples: Callable[
     raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) or choose another --dst")
   tmp = dst / f".{builder_name}.partial"
   shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted build
+  empty = EmptyDatasetError(f"no examples to write to {out}; nothing was written")
+  try:
+    build(str(tmp))
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if count() == 0:
+      raise empty from None
+    raise
+  if count() == 0:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise empty
+  if out.exists():
+    shutil.rmtree(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  os.replace(tmp / builder_name / VERSION, out)
+  shutil.rmtree(tmp, ignore_errors=True)
+  return str(out)
+
+
+def write_dataset(builder_name: str, dst: str | os.PathLike, examples: Callable[[], Iterable[tuple[Any, dict]]],
+                  overwrite: bool = False) -> str:
+  """Writes examples (key, feature dict) as an ArrayRecord TFDS dataset under dst (atomically, see
+  `build_atomically`); returns its version dir."""
   count = 0
 
   def counted():
@@ -167,23 +221,9 @@ def write_dataset(builder_name: str, dst: str | os.PathLike, examples: Callable[
       count += 1
       yield item
 
-  try:
-    builder = _BUILDERS[builder_name](examples=counted, data_dir=str(tmp), file_format="array_record")
-    builder.download_and_prepare()
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if count == 0:
-      raise EmptyDatasetError(f"no examples to write to {out}; nothing was written") from None
-    raise
-  if count == 0:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise EmptyDatasetError(f"no examples to write to {out}; nothing was written")
-  if out.exists():
-    shutil.rmtree(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  os.replace(tmp / builder_name / VERSION, out)
-  shutil.rmtree(tmp, ignore_errors=True)
-  return str(out)
+  def build(data_dir: str) -> None:
+    _BUILDERS[builder_name](examples=counted, data_dir=data_dir, file_format="array_record").download_and_prepare()
+  return build_atomically(builder_name, dst, build, lambda: count, overwrite)
 
 
 # ----------------------------------------------------------------------------------------------- sources

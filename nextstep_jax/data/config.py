@@ -10,7 +10,7 @@ from nextstep_jax.config import ConfigError
 from nextstep_jax.data.buckets import BUCKET_MODES, bucket_grids
 from nextstep_jax.tokens import EditDropProbs
 
-SOURCE_KINDS = ("t2i", "edit", "text")
+SOURCE_KINDS = ("t2i", "edit", "text", "interleave")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -42,6 +42,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       read_buffer_size=64,  # records prefetched by those threads
       encode_on_the_fly=False,  # True: raw-image t2i sources → `pixel_values` (train step runs the VAE encoder)
       max_warnings_per_reason=100,  # skipped records are always counted; warnings stop after this many per reason
+      elastic_resume=False,  # True: one global mixture stream split by process, so a checkpoint restores onto a
+      # different number of processes without repeating or skipping samples (data/elastic.py; num_workers=0)
   ))
 
 
@@ -79,6 +81,7 @@ class DataConfig:
   read_buffer_size: int
   encode_on_the_fly: bool
   max_warnings_per_reason: int
+  elastic_resume: bool = False
 
   @property
   def image_slots(self) -> int:

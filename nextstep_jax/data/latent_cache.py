@@ -4,7 +4,9 @@ Every image is decoded, fitted to its nearest aspect-ratio bucket (editing pairs
 bucket), encoded in fixed-size batches per bucket (one compilation per bucket shape; the last batch of a bucket
 is padded), split over the local devices when the batch divides evenly, patchified 2×2 into normalised 64-d
 tokens (what `prepare_inputs_embeds` consumes) and written as an `ns_latent_t2i` / `ns_latent_edit` dataset that
-the pipeline reads without the VAE in the train step. Bad records are skipped here too (warning + count).
+the pipeline reads without the VAE in the train step; an `ns_interleaved` dataset (several images per record)
+becomes `ns_latent_interleaved`, every image in its own bucket (`encode_interleaved`). Bad records are skipped
+here too (warning + count). `indices` encodes a part of the source (`distributed_encode.py`).
 Output records are in order of encoding (grouped by bucket); `meta.source_index` names the input record.
 """
 from __future__ import annotations
@@ -13,9 +15,10 @@ import json
 import logging
 import os
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from nextstep_jax.config import LATENT_PATCH_SIZE
 from nextstep_jax.data.buckets import bucket_grids
@@ -54,8 +57,9 @@ def make_encoder(vae_cfg: Any, params: Any, shard: bool = True) -> Callable[[np.
 
 def encode_dataset(src: str | os.PathLike, dst: str | os.PathLike, encode: Callable[[np.ndarray], np.ndarray],
                    down_factor: int, batch_size: int = 16, resolution: int = 256, buckets: str = "aspect",
-                   min_size_ratio: float = 1.0, overwrite: bool = False, progress: bool = True) -> tuple[str, dict]:
-  """Encodes the image dataset at `src` into a latent dataset under `dst`.
+                   min_size_ratio: float = 1.0, overwrite: bool = False, progress: bool = True,
+                   indices=None) -> tuple[str, dict]:
+  """Encodes the image dataset at `src` (only records `indices`, default all) into a latent dataset under `dst`.
 
   `encode`: uint8 (B, H, W, 3) → tokens (B, n, D) (e.g. `make_encoder`); `down_factor`: pixels per token side
   (VAE factor × 2). Returns (the latent dataset's version dir, {"encoded": n, "skipped/<reason>": n, ...}).
@@ -67,6 +71,9 @@ def encode_dataset(src: str | os.PathLike, dst: str | os.PathLike, encode: Calla
   if batch_size <= 0:
     raise ValueError(f"--batch must be positive, got {batch_size}")
   grids = bucket_grids(resolution, down_factor, buckets)
+  if source.kind == "interleave":  # several images per record, each in its own bucket
+    return encode_interleaved(source, dst, encode, grids, down_factor, batch_size, min_size_ratio, overwrite,
+                              indices, progress)
   is_edit = source.kind == "edit"
   counts: dict[str, int] = defaultdict(int)
 
@@ -100,11 +107,10 @@ def encode_dataset(src: str | os.PathLike, dst: str | os.PathLike, encode: Calla
         yield dict(tokens=out_tokens[0][j], grid=g, **fields)
 
   def gen():
-    from tqdm.auto import tqdm
-
     pending: dict[tuple[int, int], list] = defaultdict(list)
     key = 0
-    for index in tqdm(range(len(source)), desc=f"encode {source.name}", disable=not progress):
+    for index in tqdm(range(len(source)) if indices is None else indices, desc=f"encode {source.name}",
+                      disable=not progress):
       try:
         grid, imgs, fields = prepare(index)
       except BadRecord as e:
@@ -132,13 +138,82 @@ def encode_dataset(src: str | os.PathLike, dst: str | os.PathLike, encode: Calla
   return out, dict(counts)
 
 
+def encode_interleaved(source, dst: str | os.PathLike, encode: Callable[[np.ndarray], np.ndarray], grids,
+                       down_factor: int, batch_size: int = 16, min_size_ratio: float = 1.0, overwrite: bool = False,
+                       indices: Sequence[int] | None = None, progress: bool = True) -> tuple[str, dict]:
+  """An `ns_interleaved` TfdsSource → `ns_latent_interleaved` under dst; every image fitted to its own bucket.
+
+  Records are encoded in chunks of `batch_size` records; the chunk's images are grouped by bucket and encoded in
+  fixed-size batches (one compilation per bucket). Output order = input order (of `indices`, default all).
+  """
+  counts: dict[str, int] = defaultdict(int)
+  indices = list(range(len(source))) if indices is None else list(indices)
+
+  def prepare(index: int):
+    rec = source[index]
+    caption = require_text(rec["caption"], "caption")
+    meta = json.loads(to_str(rec.get("meta")) or "{}")
+    meta["source_index"] = int(index)
+    prepared = [prepare_image(data, grids, down_factor, min_size_ratio) for data in rec["images"]]
+    if not prepared:
+      raise BadRecord("undecodable", "record has no images")
+    return prepared, dict(caption=caption, task=to_str(rec.get("task")) or "interleave",
+                          meta=json.dumps(meta, sort_keys=True))
+
+  def encode_chunk(chunk):
+    by_grid = defaultdict(list)  # grid → [(record slot, image slot, pixels)]
+    for r, (prepared, _) in enumerate(chunk):
+      for j, (pixels, grid) in enumerate(prepared):
+        by_grid[grid].append((r, j, pixels))
+    tokens = [[None] * len(p) for p, _ in chunk]
+    for grid, items in sorted(by_grid.items()):
+      for lo in range(0, len(items), batch_size):
+        part = items[lo:lo + batch_size]
+        x = np.stack([p for _, _, p in part])
+        if len(part) < batch_size:
+          x = np.concatenate([x, np.repeat(x[-1:], batch_size - len(part), axis=0)])
+        out = encode(x)
+        for (r, j, _), t in zip(part, out):
+          tokens[r][j] = t
+    for r, (prepared, fields) in enumerate(chunk):
+      counts["encoded"] += 1
+      yield dict(tokens=np.concatenate(tokens[r]).astype(np.float32),
+                 grids=np.asarray([g for _, g in prepared], np.int32), **fields)
+
+  def gen():
+    chunk, key = [], 0
+    for index in tqdm(indices, desc=f"encode {source.name}", disable=not progress):
+      try:
+        chunk.append(prepare(index))
+      except BadRecord as e:
+        counts[f"skipped/{e.reason}"] += 1
+        counts["skipped_total"] += 1
+        logger.warning("skipping record %s[%d]: %s (%s)", source.name, index, SKIP_REASONS[e.reason], e.detail)
+        continue
+      if len(chunk) == batch_size:
+        for ex in encode_chunk(chunk):
+          yield key, ex
+          key += 1
+        chunk = []
+    for ex in encode_chunk(chunk):
+      yield key, ex
+      key += 1
+
+  out = write_dataset("ns_latent_interleaved", dst, gen, overwrite=overwrite)
+  return out, dict(counts)
+
+
+def vae_encoder(vae_dir: str | os.PathLike) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+  """(`make_encoder` of the VAE of a model directory, pixels per LM token side) for `encode_dataset`."""
+  from nextstep_jax.convert.vae import load_vae
+
+  vae_cfg, params = load_vae(vae_dir)
+  return make_encoder(vae_cfg, params), vae_cfg.downsample_factor * LATENT_PATCH_SIZE
+
+
 def encode_with_model(src: str | os.PathLike, dst: str | os.PathLike, vae_dir: str | os.PathLike,
                       batch_size: int = 16, resolution: int = 256, buckets: str = "aspect",
                       min_size_ratio: float = 1.0, overwrite: bool = False, progress: bool = True) -> tuple[str, dict]:
   """`encode_dataset` with the VAE of a model directory (`nextstep_config.json` + `vae_params/`)."""
-  from nextstep_jax.convert.vae import load_vae
-
-  vae_cfg, params = load_vae(vae_dir)
-  return encode_dataset(src, dst, make_encoder(vae_cfg, params), vae_cfg.downsample_factor * LATENT_PATCH_SIZE,
-                        batch_size=batch_size, resolution=resolution, buckets=buckets,
-                        min_size_ratio=min_size_ratio, overwrite=overwrite, progress=progress)
+  return encode_dataset(src, dst, *vae_encoder(vae_dir), batch_size=batch_size, resolution=resolution,
+                        buckets=buckets, min_size_ratio=min_size_ratio, overwrite=overwrite, progress=progress)

@@ -85,7 +85,7 @@ def open_sources(cfg: Any) -> list[TfdsSource]:
     if len(src) == 0:
       raise DatasetError(f"{where} is empty")
     if cfg.encode_on_the_fly:
-      if src.kind == "edit" or src.storage == "latents":
+      if src.kind in ("edit", "interleave") or src.storage == "latents":
         raise DatasetError(f"{where}: encode_on_the_fly=True reads raw-image text-to-image (and text) datasets "
                            f"only; got {src.name}. Use latent caches with encode_on_the_fly=False")
     elif src.storage == "pixels":
@@ -152,6 +152,9 @@ def _records_per_pass(cfg: DataConfig, process_count: int) -> int:
 def make_iterator(cfg: Any, process_index: int | None = None, process_count: int | None = None) -> "DataIterator":
   """A checkpointable iterator of process-local numpy batches (see the module docstring)."""
   cfg = _config(cfg)
+  if cfg.elastic_resume:  # one global mixture stream split by process
+    from nextstep_jax.data.elastic import make_elastic_iterator  # (elastic.py builds on this module)
+    return make_elastic_iterator(cfg, *_process(process_index, process_count))
   return DataIterator(iter(make_dataset(cfg, process_index, process_count)), cfg.max_warnings_per_reason)
 
 

@@ -3,7 +3,8 @@
 A sample is a dict of numpy arrays:
   ids          int32 (n,)       the training sequence (placeholders where image tokens go)
   tokens       float32 (m, D)   image tokens of every image in the sequence, in order (m = #placeholders)
-  token_loss   float32 (m,)     1 where the flow-matching loss applies (t2i: all; edit: the target image only)
+  token_loss   float32 (m,)     1 where the flow-matching loss applies (t2i / interleave: all; edit: the target image
+                                only — data/interleaved.py)
   token_grid   int32 (m, 4)     (row, col, rows, cols) of each image token (models/image_grid.py)
   pixels       uint8 (H, W, 3)  only with encode_on_the_fly (then m = 0 and the row's image is these pixels),
   pixel_grid   int32 (h·w, 4)   with `pixels`: the token_grid of the image the encoder will make of them
@@ -17,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from nextstep_jax.data.buckets import nearest_bucket
+from nextstep_jax.data.interleaved import interleaved_sample
 from nextstep_jax.data.records import BadRecord, decode_image, require_text
 from nextstep_jax.images import resize_center_crop
 from nextstep_jax.models.image_grid import grid_slots
@@ -111,6 +113,10 @@ class ToSample:
       grids = [src_grid if i == 0 else tgt_grid for i in images]
       return _sample(ids, np.concatenate([t for t, _ in parts]),
                      np.concatenate([np.full((len(t),), w, np.float32) for t, w in parts]), grids)
+    if self.kind == "interleave":
+      ids, tokens, loss, grids = interleaved_sample(tok, record, rng, self.token_dim, self.seq_len,
+                                                    max(h * w for h, w in self.grids), self.edit_drops)
+      return _sample(ids, tokens, loss, grids)
     raise ValueError(f"unknown source kind {self.kind!r}")
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from nextstep_jax.convert.vae import load_vae
 from nextstep_jax.data import shapes
 from nextstep_jax.data.buckets import bucket_grids
-from nextstep_jax.data.builders import _jsonl, _read_bytes
+from nextstep_jax.data.builders import jsonl_records, read_bytes
 from nextstep_jax.config import LATENT_PATCH_SIZE
 from nextstep_jax.data.latent_cache import make_encoder
 from nextstep_jax.data.preferences import write_prefs
@@ -161,10 +161,10 @@ def imported_pairs(src: str | os.PathLike, encode: Callable[[np.ndarray], np.nda
   counts = {} if counts is None else counts
   grids, path = bucket_grids(resolution, down_factor, buckets), Path(src)
   n_out = 0
-  for line_no, r in _jsonl(path):
+  for line_no, r in jsonl_records(path):
     try:
       prompt = require_text(r.get("prompt"), "prompt")
-      raw = [_read_bytes(path.parent / r.get(k, "")) for k in ("chosen", "rejected")]
+      raw = [read_bytes(path.parent / r.get(k, "")) for k in ("chosen", "rejected")]
       chosen, grid = prepare_image(raw[0], grids, down_factor)
       rejected, _ = prepare_image(raw[1], grids, down_factor, min_size_ratio=1e-6)
     except BadRecord as e:

@@ -39,7 +39,7 @@ def _shard_records(item: tuple[int, str], task: str, caption_key: str) -> Iterat
 
 
 def _beam_builder(name: str):
-  base = builders._BUILDERS[name]  # noqa: SLF001 (the builder table of this package)
+  base = builders.BUILDERS[name]  # noqa: SLF001 (the builder table of this package)
 
   class BeamBuilder(base, skip_registration=True):
     def __init__(self, *, shards: list[str], task: str, caption_key: str, **kwargs):

@@ -33,7 +33,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
+from nextstep_jax.data import shapes
+from nextstep_jax.data.buckets import bucket_grids, nearest_bucket
 from nextstep_jax.data.records import encode_png, meta_json
 from nextstep_jax.errors import warn
 from nextstep_jax.paths import resolve_path
@@ -77,19 +80,19 @@ Tensor = tfds.features.Tensor
 Text = tfds.features.Text
 
 
-def _bytes_feature():
+def bytes_feature():
   return Tensor(shape=(), dtype=np.object_)
 
 
-def _tokens():
+def tokens_feature():
   return Tensor(shape=(None, None), dtype=np.float32, encoding="bytes")
 
 
-def _grid():
+def grid_feature():
   return Tensor(shape=(2,), dtype=np.int32)
 
 
-class _NsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class NsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base: examples (key, feature dict) come from a callable given at construction; order is kept."""
   VERSION = tfds.core.Version(VERSION)
 
@@ -114,65 +117,65 @@ class _NsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     yield from self._examples()
 
 
-class NsImageText(_NsBuilder):
+class NsImageText(NsBuilder):
   """Image-caption pairs (original encoded image bytes)."""
 
   def _features(self):
-    return dict(image=_bytes_feature(), caption=Text(), meta=Text())
+    return dict(image=bytes_feature(), caption=Text(), meta=Text())
 
 
 class NsShapes(NsImageText):
   """Synthetic shapes scenes (PNG) with captions; meta holds the ground-truth scene."""
 
 
-class NsEdit(_NsBuilder):
+class NsEdit(NsBuilder):
   """Editing triplets: source image, instruction, target image (original encoded bytes)."""
 
   def _features(self):
-    return dict(source=_bytes_feature(), target=_bytes_feature(), instruction=Text(), meta=Text())
+    return dict(source=bytes_feature(), target=bytes_feature(), instruction=Text(), meta=Text())
 
 
-class NsText(_NsBuilder):
+class NsText(NsBuilder):
   """Plain-text documents."""
 
   def _features(self):
     return dict(text=Text(), meta=Text())
 
 
-class NsLatentT2i(_NsBuilder):
+class NsLatentT2i(NsBuilder):
   """Latent cache of an image-text dataset: normalised, patchified VAE tokens + token grid + caption."""
 
   def _features(self):
-    return dict(tokens=_tokens(), grid=_grid(), caption=Text(), meta=Text())
+    return dict(tokens=tokens_feature(), grid=grid_feature(), caption=Text(), meta=Text())
 
 
-class NsLatentEdit(_NsBuilder):
+class NsLatentEdit(NsBuilder):
   """Latent cache of an editing dataset: source and target tokens + grids + instruction."""
 
   def _features(self):
-    return dict(src_tokens=_tokens(), src_grid=_grid(), tgt_tokens=_tokens(), tgt_grid=_grid(), instruction=Text(),
+    return dict(src_tokens=tokens_feature(), src_grid=grid_feature(), tgt_tokens=tokens_feature(), tgt_grid=grid_feature(), instruction=Text(),
                 meta=Text())
 
 
-class NsInterleaved(_NsBuilder):
+class NsInterleaved(NsBuilder):
   """Several images with text between them (official `<image_n>` captions): edit (loss on the last image) or
   interleave (loss on every image), per record `task`."""
 
   def _features(self):
-    return dict(images=tfds.features.Sequence(_bytes_feature()), caption=Text(), task=Text(), meta=Text())
+    return dict(images=tfds.features.Sequence(bytes_feature()), caption=Text(), task=Text(), meta=Text())
 
 
-class NsLatentInterleaved(_NsBuilder):
+class NsLatentInterleaved(NsBuilder):
   """Latent cache of an interleaved dataset: every image's tokens concatenated in image order + their grids."""
 
   def _features(self):
-    return dict(tokens=_tokens(), grids=Tensor(shape=(None, 2), dtype=np.int32), caption=Text(), task=Text(),
+    return dict(tokens=tokens_feature(), grids=Tensor(shape=(None, 2), dtype=np.int32), caption=Text(), task=Text(),
                 meta=Text())
 
 
-_BUILDERS: dict[str, type] = {c.name: c for c in (NsImageText, NsShapes, NsEdit, NsText, NsLatentT2i, NsLatentEdit,
+BUILDERS: dict[str, type] = {c.name: c for c in (NsImageText, NsShapes, NsEdit, NsText, NsLatentT2i, NsLatentEdit,
                                                   NsInterleaved, NsLatentInterleaved)}
-assert set(_BUILDERS) == set(DATASET_KINDS), _BUILDERS
+assert set(BUILDERS) == set(DATASET_KINDS), BUILDERS
 
 
 def build_atomically(builder_name: str, dst: str | os.PathLike, build: Callable[[str], None],
@@ -182,8 +185,8 @@ def build_atomically(builder_name: str, dst: str | os.PathLike, build: Callable[
 
   `count()` says how many examples were written (None: not known after a failure), so a build of zero examples
   leaves nothing (EmptyDatasetError) and an existing dataset survives until its replacement is complete."""
-  if builder_name not in _BUILDERS:
-    raise DatasetError(f"unknown dataset builder {builder_name!r}; known: {sorted(_BUILDERS)}")
+  if builder_name not in BUILDERS:
+    raise DatasetError(f"unknown dataset builder {builder_name!r}; known: {sorted(BUILDERS)}")
   dst = resolve_path(dst)
   out = dst / builder_name / VERSION
   if out.exists() and not overwrite:
@@ -222,21 +225,21 @@ def write_dataset(builder_name: str, dst: str | os.PathLike, examples: Callable[
       yield item
 
   def build(data_dir: str) -> None:
-    _BUILDERS[builder_name](examples=counted, data_dir=data_dir, file_format="array_record").download_and_prepare()
+    BUILDERS[builder_name](examples=counted, data_dir=data_dir, file_format="array_record").download_and_prepare()
   return build_atomically(builder_name, dst, build, lambda: count, overwrite)
 
 
 # ----------------------------------------------------------------------------------------------- sources
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
   try:
     return path.read_bytes()
   except OSError:
     return b""  # stored as is; the pipeline skips it as undecodable, naming the record
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
   with open(path, encoding="utf-8") as f:
     for line_no, line in enumerate(f, 1):
       if line.strip():
@@ -263,7 +266,7 @@ def image_text_examples(src: str | os.PathLike) -> Callable[[], Iterator[tuple[i
   src = Path(src)
   index = _single_jsonl(src)
   if index is not None:
-    rows = [(index.parent / r["file"], r.get("caption") or "", r["file"]) for _, r in _jsonl(index)]
+    rows = [(index.parent / r["file"], r.get("caption") or "", r["file"]) for _, r in jsonl_records(index)]
   else:
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     rows = [(p, p.with_suffix(".txt").read_text(encoding="utf-8") if p.with_suffix(".txt").is_file() else "",
@@ -274,7 +277,7 @@ def image_text_examples(src: str | os.PathLike) -> Callable[[], Iterator[tuple[i
 
   def gen():
     for i, (path, caption, name) in enumerate(rows):
-      yield i, dict(image=_read_bytes(path), caption=caption, meta=meta_json(file=name))
+      yield i, dict(image=read_bytes(path), caption=caption, meta=meta_json(file=name))
   gen.rows = [(name, path, caption) for path, caption, name in rows]  # for build_dataset's checks
   return gen
 
@@ -285,7 +288,7 @@ def edit_examples(src: str | os.PathLike) -> Callable[[], Iterator[tuple[int, di
   if index is None:
     raise DatasetError(f"no .jsonl in {src}; editing data needs lines {{\"source\", \"target\", \"instruction\"}}")
   rows = []
-  for line_no, r in _jsonl(index):
+  for line_no, r in jsonl_records(index):
     missing = [k for k in ("source", "target") if k not in r]
     if missing:
       raise DatasetError(f"{index}:{line_no}: missing key(s) {missing}; each line needs source, target, instruction")
@@ -293,7 +296,7 @@ def edit_examples(src: str | os.PathLike) -> Callable[[], Iterator[tuple[int, di
 
   def gen():
     for i, r in enumerate(rows):
-      yield i, dict(source=_read_bytes(index.parent / r["source"]), target=_read_bytes(index.parent / r["target"]),
+      yield i, dict(source=read_bytes(index.parent / r["source"]), target=read_bytes(index.parent / r["target"]),
                     instruction=r.get("instruction") or "", meta=meta_json(source=r["source"], target=r["target"]))
   gen.rows = [(r["target"], index.parent / r["target"], r.get("instruction") or "") for r in rows]
   return gen
@@ -313,7 +316,7 @@ def text_examples(src: str | os.PathLike) -> Callable[[], Iterator[tuple[int, di
     for path in files:
       name = str(path.relative_to(src)) if src.is_dir() else path.name
       if path.suffix == ".jsonl":
-        for line_no, r in _jsonl(path):
+        for line_no, r in jsonl_records(path):
           yield i, dict(text=r.get("text") or "", meta=meta_json(file=name, line=line_no))
           i += 1
       else:
@@ -324,8 +327,6 @@ def text_examples(src: str | os.PathLike) -> Callable[[], Iterator[tuple[int, di
 
 def shapes_examples(num: int, size: int = 64, seed: int = 0) -> Callable[[], Iterator[tuple[int, dict]]]:
   """`num` procedurally generated shapes scenes (`nextstep_jax.data.shapes.make_example`), PNG-encoded."""
-  from nextstep_jax.data import shapes
-
   if num <= 0:
     raise DatasetError(f"--num must be positive for the shapes dataset, got {num}")
 
@@ -340,9 +341,6 @@ def shapes_examples(num: int, size: int = 64, seed: int = 0) -> Callable[[], Ite
 def check_images(items: Iterable[tuple[str, Path, str]], resolution: int, down_factor: int = 16) -> None:
   """Warns (one line per problem) about (name, image path, caption/instruction) rows that training would skip:
   missing captions, images smaller than their aspect bucket at `resolution` px."""
-  from PIL import Image
-
-  from nextstep_jax.data.buckets import bucket_grids, nearest_bucket
   side = resolution // down_factor
   grids = bucket_grids(resolution, down_factor, "aspect" if side and side % 16 == 0 else "fixed")
   items = list(items)

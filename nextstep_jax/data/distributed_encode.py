@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nextstep_jax.data.builders import SPLIT, VERSION, DatasetError, TfdsSource
+import jax
+
+from nextstep_jax.data.builders import DatasetError, SPLIT, TfdsSource, VERSION
 from nextstep_jax.data.latent_cache import encode_dataset, vae_encoder
 
 COUNTS_FILE = "counts.json"
@@ -123,8 +125,6 @@ def merge_parts(dst: str | os.PathLike, num_parts: int) -> tuple[str, dict]:
 def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None
                            ) -> tuple[int, int]:
   """`jax.distributed.initialize` (explicit localhost/pod address, or auto-detected on TPU pods) → (index, count)."""
-  import jax
-
   kwargs = {}
   if coordinator:
     if num_processes is None or process_id is None:

@@ -17,27 +17,26 @@ import os
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from nextstep_jax.config import LATENT_PATCH_SIZE
+from nextstep_jax.convert.vae import load_vae
 from nextstep_jax.data.buckets import bucket_grids
 from nextstep_jax.data.builders import DatasetError, EmptyDatasetError, TfdsSource, write_dataset
-from nextstep_jax.data.records import SKIP_REASONS, BadRecord, require_text, to_str
+from nextstep_jax.data.records import BadRecord, SKIP_REASONS, require_text, to_str
 from nextstep_jax.data.samples import prepare_image
 from nextstep_jax.images import resize_center_crop, to_float
+from nextstep_jax.models.flux_vae import encode_latents
+from nextstep_jax.models.latents import patchify
 
 logger = logging.getLogger("nextstep_jax.data")
 
 
 def make_encoder(vae_cfg: Any, params: Any, shard: bool = True) -> Callable[[np.ndarray], np.ndarray]:
   """uint8 images (B, H, W, 3) → tokens (B, n, C·4) float32 with the given VAE (deterministic encode)."""
-  import jax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-  from nextstep_jax.models.flux_vae import encode_latents
-  from nextstep_jax.models.latents import patchify
-
   devices = jax.local_devices()
   mesh = Mesh(np.asarray(devices), ("batch",)) if shard and len(devices) > 1 else None
   if mesh is not None:
@@ -205,8 +204,6 @@ def encode_interleaved(source, dst: str | os.PathLike, encode: Callable[[np.ndar
 
 def vae_encoder(vae_dir: str | os.PathLike) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
   """(`make_encoder` of the VAE of a model directory, pixels per LM token side) for `encode_dataset`."""
-  from nextstep_jax.convert.vae import load_vae
-
   vae_cfg, params = load_vae(vae_dir)
   return make_encoder(vae_cfg, params), vae_cfg.downsample_factor * LATENT_PATCH_SIZE
 

@@ -38,7 +38,9 @@ import logging
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
 from nextstep_jax.data.buckets import bucket_grids
 from nextstep_jax.data.builders import DatasetError, TfdsSource
@@ -46,6 +48,7 @@ from nextstep_jax.data.config import DataConfig, validate_data_config
 from nextstep_jax.data.packing import PackBatchIterDataset, PackSpec
 from nextstep_jax.data.records import SKIP_REASONS
 from nextstep_jax.data.samples import ToSample, record_name, tag_index
+from nextstep_jax.sharding import logical_to_spec
 from nextstep_jax.tokens import load_tokenizer
 
 logger = logging.getLogger("nextstep_jax.data")
@@ -61,7 +64,6 @@ def _config(cfg: Any) -> DataConfig:
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -69,7 +71,7 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
   return process_index, process_count
 
 
-def _seed(base: int, *salt: int) -> int:
+def derive_seed(base: int, *salt: int) -> int:
   return int(np.random.SeedSequence([base, *salt]).generate_state(1)[0])
 
 
@@ -117,12 +119,12 @@ def sample_dataset(cfg: Any, process_index: int | None = None, process_count: in
     ds = ds[process_index::process_count]
     if len(ds) == 0:
       raise DatasetError(f"source {spec.name} has {len(src)} records, fewer than the {process_count} processes")
-    ds = ds.shuffle(seed=_seed(cfg.seed, i, 0)).repeat(cfg.num_epochs or None)
+    ds = ds.shuffle(seed=derive_seed(cfg.seed, i, 0)).repeat(cfg.num_epochs or None)
     transform = ToSample(source=spec.name, kind=src.kind, storage=src.storage, tokenizer=cfg.tokenizer,
                          token_dim=cfg.token_dim, seq_len=cfg.seq_len, drop_text_prob=cfg.drop_text_prob,
                          edit_drops=cfg.edit_drops, grids=cfg.grids, down_factor=cfg.down_factor,
                          min_size_ratio=cfg.min_size_ratio)
-    datasets.append(ds.random_map(transform, seed=_seed(cfg.seed, i, 1)))
+    datasets.append(ds.random_map(transform, seed=derive_seed(cfg.seed, i, 1)))
   if len(datasets) == 1:
     return datasets[0]
   return grain.MapDataset.mix(datasets, [s.weight for s in cfg.sources])
@@ -138,7 +140,7 @@ def make_dataset(cfg: Any, process_index: int | None = None, process_count: int 
   ds = PackBatchIterDataset(ds, pack_spec(cfg, cfg.local_batch_size(process_count), tok.pad_id,
                                           tok.image_placeholder_id, _records_per_pass(cfg, process_count)))
   if cfg.num_workers > 0:
-    _mark_absl_flags_parsed()
+    mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                      per_worker_buffer_size=cfg.worker_buffer_size))
   return ds
@@ -158,7 +160,7 @@ def make_iterator(cfg: Any, process_index: int | None = None, process_count: int
   return DataIterator(iter(make_dataset(cfg, process_index, process_count)), cfg.max_warnings_per_reason)
 
 
-def _mark_absl_flags_parsed() -> None:
+def mark_absl_flags_parsed() -> None:
   try:
     from absl import flags
   except ImportError:
@@ -223,16 +225,11 @@ def _names(ndim: int) -> tuple:
 
 def batch_shardings(global_shapes: dict[str, tuple[int, ...]], mesh) -> dict[str, Any]:
   """NamedSharding per batch key: batch axis by the "act_batch" rule (("data","fsdp")), the rest replicated."""
-  from jax.sharding import NamedSharding
-
-  from nextstep_jax.sharding import logical_to_spec
   return {k: NamedSharding(mesh, logical_to_spec(_names(len(s)), s, mesh)) for k, s in global_shapes.items()}
 
 
 def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, Any]:
   """Process-local numpy batch → global jax.Arrays (`jax.make_array_from_process_local_data`)."""
-  import jax
-
   n = jax.process_count()
   shapes = {k: (v.shape[0] * n, *v.shape[1:]) for k, v in batch.items()}
   shardings = batch_shardings(shapes, mesh)
@@ -243,8 +240,6 @@ def batch_shapes(data: Any, step_input: bool = False) -> dict[str, Any]:
   """Global `jax.ShapeDtypeStruct`s of one batch of `config.data` (for AOT compilation / abstract train steps);
   reads only the shape fields, so configs without datasets (synthetic data) work. `step_input`: as the train step
   sees it — with encode_on_the_fly the VAE has already turned `pixel_values` into `image_tokens`."""
-  import jax
-
   d = data
   b, length = int(d.global_batch_size), int(d.seq_len)
   out = {k: jax.ShapeDtypeStruct((b, length), np.int32) for k in BATCH_KEYS_LATENT[:4]}

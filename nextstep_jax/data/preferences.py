@@ -25,25 +25,26 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from nextstep_jax.data.builders import (SPLIT, VERSION, DatasetError, TfdsSource, _bytes_feature, _grid, _NsBuilder,
-                                        _tokens, resolve_dataset_dir)
+from nextstep_jax.data.builders import (SPLIT, VERSION, DatasetError, TfdsSource, bytes_feature, grid_feature, NsBuilder,
+                                        tokens_feature, resolve_dataset_dir)
 from nextstep_jax.data.config import validate_data_config
-from nextstep_jax.data.packing import REJECTED, PackSpec, assemble_batch
+from nextstep_jax.data.packing import PackSpec, REJECTED, assemble_batch
+from nextstep_jax.data.pipeline import DataIterator, derive_seed, mark_absl_flags_parsed
 from nextstep_jax.data.records import BadRecord
-from nextstep_jax.data.samples import _clean_text, _tokens as _record_tokens, tag_index
+from nextstep_jax.data.samples import clean_text, record_tokens, tag_index
 from nextstep_jax.models.image_grid import grid_slots
 from nextstep_jax.tokens import load_tokenizer
 
 PREFS = "ns_prefs"
 
 
-class NsPrefs(_NsBuilder):
+class NsPrefs(NsBuilder):
   """Preference pairs: prompt, chosen and rejected images (bytes + VAE tokens of a shared grid), their scores."""
 
   def _features(self):
     score = tfds.features.Tensor(shape=(), dtype=np.float32)
-    return dict(prompt=tfds.features.Text(), chosen=_bytes_feature(), rejected=_bytes_feature(),
-                chosen_tokens=_tokens(), rejected_tokens=_tokens(), grid=_grid(), chosen_score=score,
+    return dict(prompt=tfds.features.Text(), chosen=bytes_feature(), rejected=bytes_feature(),
+                chosen_tokens=tokens_feature(), rejected_tokens=tokens_feature(), grid=grid_feature(), chosen_score=score,
                 rejected_score=score, meta=tfds.features.Text())
 
 
@@ -87,9 +88,9 @@ class ToPair:
   def __call__(self, item: tuple[int, dict]) -> dict:
     index, record = item
     try:
-      prompt = _clean_text(record["prompt"], "prompt")
-      chosen, grid = _record_tokens(record, "chosen_tokens", "grid", self.token_dim)
-      rejected, _ = _record_tokens(record, "rejected_tokens", "grid", self.token_dim)
+      prompt = clean_text(record["prompt"], "prompt")
+      chosen, grid = record_tokens(record, "chosen_tokens", "grid", self.token_dim)
+      rejected, _ = record_tokens(record, "rejected_tokens", "grid", self.token_dim)
     except BadRecord as e:
       return {"skip": e.reason, "source": self.source, "index": int(index), "detail": e.detail}
     ids = load_tokenizer(self.tokenizer).t2i_training_sequence(prompt, *grid)
@@ -152,7 +153,6 @@ def make_pref_iterator(data: Any, process_index: int = 0, process_count: int = 1
   """Checkpointable iterator of process-local DPO batches from `config.data` (sources = `ns_prefs` datasets;
   fields used: sources, tokenizer, token_dim, seq_len, max_image_tokens, seed, num_epochs, global_batch_size,
   read_threads, read_buffer_size, num_workers, worker_buffer_size, max_warnings_per_reason)."""
-  from nextstep_jax.data.pipeline import DataIterator, _mark_absl_flags_parsed, _seed
   cfg = validate_data_config(data)
   tok = load_tokenizer(cfg.tokenizer)
   datasets = []
@@ -160,7 +160,7 @@ def make_pref_iterator(data: Any, process_index: int = 0, process_count: int = 1
     ds = grain.MapDataset.source(PrefSource(spec.path)).map_with_index(tag_index)[process_index::process_count]
     if len(ds) == 0:
       raise DatasetError(f"preference source {spec.name} has fewer records than the {process_count} processes")
-    ds = ds.shuffle(seed=_seed(cfg.seed, i, 0)).repeat(cfg.num_epochs or None)
+    ds = ds.shuffle(seed=derive_seed(cfg.seed, i, 0)).repeat(cfg.num_epochs or None)
     datasets.append(ds.map(ToPair(spec.name, cfg.tokenizer, cfg.token_dim)))
   ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, [s.weight for s in cfg.sources])
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size))
@@ -168,7 +168,7 @@ def make_pref_iterator(data: Any, process_index: int = 0, process_count: int = 1
                                          image_slots=cfg.image_slots, token_dim=cfg.token_dim, pad_id=tok.pad_id,
                                          placeholder_id=tok.image_placeholder_id, pack=False))
   if cfg.num_workers > 0:
-    _mark_absl_flags_parsed()
+    mark_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                      per_worker_buffer_size=cfg.worker_buffer_size))
   return DataIterator(iter(ds), cfg.max_warnings_per_reason)

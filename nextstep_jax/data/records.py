@@ -11,6 +11,7 @@ import json
 from typing import Any, Callable
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # reason → what it means (also the keys of `DataIterator.stats()`)
 SKIP_REASONS: dict[str, str] = {
@@ -63,8 +64,6 @@ def decode_image(data: Any, min_size: Callable[[int, int], tuple[int, int]] | No
   scale that is still at least that large (much faster for photos far larger than their bucket); it may raise
   BadRecord itself (e.g. too small). Raises BadRecord('undecodable' | 'unsupported_mode').
   """
-  from PIL import Image, ImageOps, UnidentifiedImageError
-
   if isinstance(data, np.ndarray):
     data = data.item()
   if not isinstance(data, (bytes, bytearray)) or not data:
@@ -103,8 +102,6 @@ def decode_image(data: Any, min_size: Callable[[int, int], tuple[int, int]] | No
 
 def encode_png(image_HxWx3: np.ndarray) -> bytes:
   """uint8 (H, W, 3) → PNG bytes (lossless; what the builders store for generated images)."""
-  from PIL import Image
-
   buf = io.BytesIO()
   Image.fromarray(np.asarray(image_HxWx3, np.uint8)).save(buf, format="PNG")
   return buf.getvalue()

@@ -44,14 +44,14 @@ def prepare_image(data: Any, grids, down_factor: int, min_size_ratio: float = 1.
   return resize_center_crop(image, (grid[0] * down_factor, grid[1] * down_factor)), grid
 
 
-def _clean_text(value: Any, what: str) -> str:
+def clean_text(value: Any, what: str) -> str:
   text = require_text(value, what)
   if any(t in text for t in SPECIAL_TOKENS):
     raise BadRecord("special_tokens", f"{what} contains a special-token string")
   return text
 
 
-def _tokens(record: dict, tokens_key: str, grid_key: str, token_dim: int) -> tuple[np.ndarray, tuple[int, int]]:
+def record_tokens(record: dict, tokens_key: str, grid_key: str, token_dim: int) -> tuple[np.ndarray, tuple[int, int]]:
   tokens = np.asarray(record[tokens_key], np.float32)
   grid = tuple(int(x) for x in np.asarray(record[grid_key]).reshape(-1))
   if tokens.ndim != 2 or len(grid) != 2 or tokens.shape != (grid[0] * grid[1], token_dim):
@@ -89,13 +89,13 @@ class ToSample:
     tok = load_tokenizer(self.tokenizer)
     empty = np.zeros((0, self.token_dim), np.float32)
     if self.kind == "text":
-      ids = tok.text_sequence(_clean_text(record["text"], "text"))[:self.seq_len]
+      ids = tok.text_sequence(clean_text(record["text"], "text"))[:self.seq_len]
       return _sample(ids, empty, np.zeros((0,), np.float32))
     if self.kind == "t2i":
-      caption = _clean_text(record["caption"], "caption")
+      caption = clean_text(record["caption"], "caption")
       drop_text = bool(rng.random() < self.drop_text_prob)
       if self.storage == "latents":
-        tokens, grid = _tokens(record, "tokens", "grid", self.token_dim)
+        tokens, grid = record_tokens(record, "tokens", "grid", self.token_dim)
         return _sample(tok.t2i_training_sequence(caption, *grid, drop_text=drop_text), tokens,
                        np.ones((len(tokens),), np.float32), [grid])
       pixels, grid = prepare_image(record["image"], self.grids, self.down_factor, self.min_size_ratio)
@@ -103,11 +103,11 @@ class ToSample:
       out["pixels"], out["pixel_grid"] = pixels, grid_slots(*grid)
       return out
     if self.kind == "edit":
-      instruction = _clean_text(record["instruction"], "instruction")
+      instruction = clean_text(record["instruction"], "instruction")
       if self.storage != "latents":
         raise ValueError(f"source {self.source}: editing data must be a latent cache (nextstep-jax data encode)")
-      src, src_grid = _tokens(record, "src_tokens", "src_grid", self.token_dim)
-      tgt, tgt_grid = _tokens(record, "tgt_tokens", "tgt_grid", self.token_dim)
+      src, src_grid = record_tokens(record, "src_tokens", "src_grid", self.token_dim)
+      tgt, tgt_grid = record_tokens(record, "tgt_tokens", "tgt_grid", self.token_dim)
       ids, images = tok.edit_training_sequence(instruction, src_grid, tgt_grid, self.edit_drops.choose(rng))
       parts = [(src, 0.0) if i == 0 else (tgt, 1.0) for i in images]
       grids = [src_grid if i == 0 else tgt_grid for i in images]

@@ -7,12 +7,12 @@ hold several images of different grids); the model needs it only for
     the official sampler reads (`gen_pos_embed_with_ar`), so training and sampling see the same embedding;
   * the official training-only input noise (`noise_strength`): the LM reads `tokens + ε·σ`, σ growing linearly
     from 0 to `strength` over the image's latent pixels in raster order (targets stay clean).
-Numpy-only at import (the data pipeline uses `grid_slots`).
 """
 from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 GRID_KEY = "image_token_grid"
@@ -48,7 +48,6 @@ def batch_grid(cfg: Any, batch: dict[str, Any]) -> Any:
 
 def pos_index(grid_BxTx4: Any) -> tuple[Any, Any]:
   """(token index row·cols + col, grid width cols), each flattened to (B·T,) — `NextStep.condition`'s arguments."""
-  import jax.numpy as jnp
   row, col, _, cols = (grid_BxTx4[..., i].reshape(-1) for i in range(4))
   cols = jnp.maximum(cols, 1)
   return row * cols + col, cols
@@ -60,7 +59,6 @@ def input_noise_scale(grid_BxTx4: Any, patch: int, channels: int, strength: floa
   Latent pixel (row·p + pi, col·p + qi) of an image of (rows·p) × (cols·p) latent pixels has raster index
   i and σ = strength · i / (n − 1), n = rows·cols·p² (torch.linspace(0, strength, n) over the latent).
   """
-  import jax.numpy as jnp
   row, col, rows, cols = (grid_BxTx4[..., i][..., None].astype(jnp.float32) for i in range(4))
   pi, qi = (jnp.asarray(a, jnp.float32).reshape(-1) for a in np.divmod(np.arange(patch * patch), patch))
   index = (row * patch + pi) * (cols * patch) + col * patch + qi  # (B, T, p²)

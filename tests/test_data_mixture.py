@@ -13,9 +13,10 @@ from wds_fixtures import write_shards
 
 from nextstep_jax import cli
 from nextstep_jax.checkpoint import Checkpointer
-from nextstep_jax.data import elastic, pipeline
+from nextstep_jax.data import elastic
 from nextstep_jax.data.builders import write_dataset
 from nextstep_jax.data.config import default_data_config
+from nextstep_jax.data.iterator import make_train_iterator
 from nextstep_jax.tokens import load_tokenizer, make_byte_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("data_beam")]
@@ -75,10 +76,10 @@ def _drain(it, tok):
 
 def test_resume_1_to_2_to_1_processes_repeats_and_skips_nothing(cfg, tmp_path):
   tok = load_tokenizer(cfg.tokenizer)
-  reference = collections.Counter(_drain(pipeline.make_iterator(cfg, 0, 1), tok))
+  reference = collections.Counter(_drain(make_train_iterator(cfg, 0, 1), tok))
   assert sum(reference.values()) > 12 and max(reference.values()) == 1
 
-  it = pipeline.make_iterator(cfg, 0, 1)
+  it = make_train_iterator(cfg, 0, 1)
   assert isinstance(it, elastic.ElasticIterator)
   seen = _take(it, 2, tok)
   ckpt = Checkpointer(tmp_path, save_every=1, async_save=False)  # the trainer's Orbax checkpointer, 1 of 1
@@ -88,7 +89,7 @@ def test_resume_1_to_2_to_1_processes_repeats_and_skips_nothing(cfg, tmp_path):
   assert (tmp_path / "checkpoints" / "2" / "data" / "process_0-of-1.json").is_file()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
-  two = [pipeline.make_iterator(cfg, r, 2) for r in range(2)]
+  two = [make_train_iterator(cfg, r, 2) for r in range(2)]
   for it2 in two:  # each of the 2 new processes restores the 1-process checkpoint through Orbax
     ckpt.restore(2, abstract, it2)
   for it2 in two:
@@ -97,16 +98,16 @@ def test_resume_1_to_2_to_1_processes_repeats_and_skips_nothing(cfg, tmp_path):
   # the processes consumed different amounts: some samples past the common position are already done
   assert elastic.resume_point([json.loads(saved2[(r, 2)]) for r in range(2)])["excluded"]
 
-  back = pipeline.make_iterator(cfg, 0, 1)
+  back = make_train_iterator(cfg, 0, 1)
   elastic.restore_from_files(saved2, back)
   seen += _drain(back, tok)
   assert collections.Counter(seen) == reference
 
   # the same layout restores through Orbax exactly where the saved iterator was
-  again = pipeline.make_iterator(cfg, 0, 1)
+  again = make_train_iterator(cfg, 0, 1)
   restored = ckpt.restore(2, abstract, again)
   np.testing.assert_array_equal(restored["w"], state["w"])
   ckpt.close()
-  ref_it = pipeline.make_iterator(cfg, 0, 1)
+  ref_it = make_train_iterator(cfg, 0, 1)
   _take(ref_it, 2, tok)
   assert _take(again, 2, tok) == _take(ref_it, 2, tok)

@@ -139,14 +139,14 @@ def _encode(args) -> int:
 
 def _inspect(args) -> int:
   from nextstep_jax.config import load_config
-  from nextstep_jax.data import pipeline
+  from nextstep_jax.data.iterator import make_train_iterator
   from nextstep_jax.data.interleaved import describe, image_blocks
   from nextstep_jax.tokens import load_tokenizer
 
   cfg = load_config(args.config, args.config_overrides)
   if "data" not in cfg:
     raise ValueError(f"{args.config} has no `data` section; add one from nextstep_jax.data.config.default_data_config()")
-  it = pipeline.make_iterator(cfg.data, 0, 1)
+  it = make_train_iterator(cfg.data, 0, 1)
   tok = load_tokenizer(cfg.data.tokenizer)
   for n in range(args.batches):
     batch = next(it)

@@ -42,6 +42,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from nextstep_jax.config import ConfigError
 from nextstep_jax.data.buckets import bucket_grids
 from nextstep_jax.data.builders import DatasetError, TfdsSource
 from nextstep_jax.data.config import DataConfig, validate_data_config
@@ -58,11 +59,11 @@ BATCH_KEYS_PIXELS = ("input_ids", "attention_mask", "positions", "labels", "pixe
                      "image_token_grid")
 
 
-def _config(cfg: Any) -> DataConfig:
+def as_data_config(cfg: Any) -> DataConfig:
   return cfg if isinstance(cfg, DataConfig) else validate_data_config(cfg)
 
 
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -77,7 +78,7 @@ def derive_seed(base: int, *salt: int) -> int:
 
 def open_sources(cfg: Any) -> list[TfdsSource]:
   """Opens every source and checks its kind and storage against the config (clear errors)."""
-  cfg = _config(cfg)
+  cfg = as_data_config(cfg)
   out = []
   for spec in cfg.sources:
     src = TfdsSource(spec.path)
@@ -98,7 +99,7 @@ def open_sources(cfg: Any) -> list[TfdsSource]:
 
 
 def pack_spec(cfg: Any, batch_size: int, pad_id: int, placeholder_id: int, records_per_epoch: int = 0) -> PackSpec:
-  cfg = _config(cfg)
+  cfg = as_data_config(cfg)
   pixel_hw = pixel_tokens = None
   if cfg.encode_on_the_fly:
     (h, w), = cfg.grids
@@ -111,8 +112,8 @@ def pack_spec(cfg: Any, batch_size: int, pad_id: int, placeholder_id: int, recor
 
 def sample_dataset(cfg: Any, process_index: int | None = None, process_count: int | None = None) -> grain.MapDataset:
   """The mixed, shuffled, process-sharded MapDataset of samples / skip markers (before packing)."""
-  cfg = _config(cfg)
-  process_index, process_count = _process(process_index, process_count)
+  cfg = as_data_config(cfg)
+  process_index, process_count = process_layout(process_index, process_count)
   datasets = []
   for i, (spec, src) in enumerate(zip(cfg.sources, open_sources(cfg))):
     ds = grain.MapDataset.source(src).map_with_index(tag_index)
@@ -132,8 +133,8 @@ def sample_dataset(cfg: Any, process_index: int | None = None, process_count: in
 
 def make_dataset(cfg: Any, process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
   """The full Grain IterDataset of packed process-local batches (iterate it, or use `make_iterator`)."""
-  cfg = _config(cfg)
-  process_index, process_count = _process(process_index, process_count)
+  cfg = as_data_config(cfg)
+  process_index, process_count = process_layout(process_index, process_count)
   tok = load_tokenizer(cfg.tokenizer)
   ds = sample_dataset(cfg, process_index, process_count).to_iter_dataset(
       grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size))
@@ -152,11 +153,12 @@ def _records_per_pass(cfg: DataConfig, process_count: int) -> int:
 
 
 def make_iterator(cfg: Any, process_index: int | None = None, process_count: int | None = None) -> "DataIterator":
-  """A checkpointable iterator of process-local numpy batches (see the module docstring)."""
-  cfg = _config(cfg)
-  if cfg.elastic_resume:  # one global mixture stream split by process
-    from nextstep_jax.data.elastic import make_elastic_iterator  # (elastic.py builds on this module)
-    return make_elastic_iterator(cfg, *_process(process_index, process_count))
+  """A checkpointable iterator of process-local numpy batches (see the module docstring); with
+  `elastic_resume`, use `data.iterator.make_train_iterator` (the elastic mixture builds on this module)."""
+  cfg = as_data_config(cfg)
+  if cfg.elastic_resume:
+    raise ConfigError("config.data.elastic_resume=True needs nextstep_jax.data.iterator.make_train_iterator "
+                      "(the trainer's entry point), not pipeline.make_iterator")
   return DataIterator(iter(make_dataset(cfg, process_index, process_count)), cfg.max_warnings_per_reason)
 
 

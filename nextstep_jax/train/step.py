@@ -14,7 +14,7 @@ import optax
 
 from nextstep_jax import sharding
 from nextstep_jax.config import ModelConfig
-from nextstep_jax.data.pipeline import make_iterator
+from nextstep_jax.data.iterator import make_train_iterator
 from nextstep_jax.models.nextstep import NextStep, combine_losses, draw_fm_noise, draw_input_noise, loss_counts
 from nextstep_jax.train.flops import train_step_flops
 from nextstep_jax.train.objective import Objective, StepContext, StepProgram, jit_step
@@ -69,7 +69,7 @@ class FlowMatching(Objective):
   name = "fm"
 
   def dataset_iterator(self, data_config, process_index, process_count):
-    return make_iterator(data_config, process_index, process_count)
+    return make_train_iterator(data_config, process_index, process_count)
 
   def _program(self, ctx: StepContext):
     with sharding.use_mesh(ctx.mesh):

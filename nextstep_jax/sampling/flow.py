@@ -204,20 +204,30 @@ class Trajectory:
   logp: jax.Array
 
 
+def _diffusion(cfg: FlowConfig, t, t_first, xp=jnp):
+  """flow_sde's g(t) = a·sqrt((1 − t)/t), t = 0 replaced by the grid's first positive time (numpy or jax)."""
+  return cfg.noise_level * xp.sqrt((1.0 - t) / xp.where(t > 0, t, t_first))
+
+
+def transition_std(cfg: FlowConfig, t, t_next, t_first, xp=jnp):
+  """σ of a log-prob sampler's step t → t_next (numpy or jax; a function of the grid alone)."""
+  if cfg.method == "flow_sde":
+    return _diffusion(cfg, t, t_first, xp) * xp.sqrt(t_next - t)
+  if cfg.method == "cps":
+    return (1.0 - t_next) * np.sin(cfg.noise_level * np.pi / 2)
+  raise ValueError(f"{cfg.method!r} is not a log-prob sampler ({LOGPROB_METHODS})")
+
+
 def transition(cfg: FlowConfig, v, x, t, t_next, t_first):
   """(μ, σ) of the Gaussian step x → x' of a log-prob sampler (module docstring). t, t_next, t_first broadcast
   against x[..., :1] (scalars while sampling, per-row arrays in the parallel recompute); σ has t's shape."""
-  dt = t_next - t
-  a = cfg.noise_level
+  std = transition_std(cfg, t, t_next, t_first)
   if cfg.method == "flow_sde":
-    g = a * jnp.sqrt((1.0 - t) / jnp.where(t > 0, t, t_first))
+    g = _diffusion(cfg, t, t_first)
     score = (t * v - x) / (1.0 - t)
-    return x + (v + 0.5 * jnp.square(g) * score) * dt, g * jnp.sqrt(dt)
-  if cfg.method == "cps":
-    s_next = 1.0 - t_next
-    x1_hat, eps_hat = x + (1.0 - t) * v, x - t * v
-    return t_next * x1_hat + s_next * np.cos(a * np.pi / 2) * eps_hat, s_next * np.sin(a * np.pi / 2)
-  raise ValueError(f"{cfg.method!r} is not a log-prob sampler ({LOGPROB_METHODS})")
+    return x + (v + 0.5 * jnp.square(g) * score) * (t_next - t), std
+  x1_hat, eps_hat = x + (1.0 - t) * v, x - t * v
+  return t_next * x1_hat + (1.0 - t_next) * np.cos(cfg.noise_level * np.pi / 2) * eps_hat, std
 
 
 def gaussian_logprob(x_next, mean, std):
@@ -252,8 +262,7 @@ def integrate_with_trajectory(velocity: Velocity, x0: jax.Array, cfg: FlowConfig
 def logprob_steps(cfg: FlowConfig) -> np.ndarray:
   """Host-side: which of a log-prob sampler's steps are stochastic (σ > 0) and so carry a log-prob (S,) bool."""
   g = time_grid(cfg)
-  _, std = transition(cfg, np.zeros(1, np.float32), np.zeros(1, np.float32), g[:-1, None], g[1:, None], g[1])
-  return np.asarray(np.broadcast_to(std, (len(g) - 1, 1)))[:, 0] > 0
+  return np.broadcast_to(transition_std(cfg, g[:-1], g[1:], g[1], xp=np), (len(g) - 1,)) > 0
 
 
 def eval_times(cfg: FlowConfig, steps: int) -> np.ndarray:

@@ -157,3 +157,8 @@ def load_reward(spec: str, timeout_s: float = 120.0) -> RewardFn:
   if not callable(fn):
     raise ConfigError(f"config.grpo.reward={spec!r} is not callable")
   return fn
+
+
+def brightness_reward(prompts: Sequence[str], images: np.ndarray) -> np.ndarray:
+  """Mean pixel value in [0, 1] (a prompt-free reward for synthetic runs and tests)."""
+  return np.asarray(images, np.float32).reshape(len(images), -1).mean(axis=1) / 255.0

@@ -462,18 +462,15 @@ class Grpo(Objective):
       tokenizer = NextStepTokenizer(tok_dir)
     return prompt_iterator(gcfg, cfg, tokenizer, int(config.data.global_batch_size), process_index, process_count)
 
-  def _program(self, ctx: StepContext, bound: Any, vae: tuple = (None, None)) -> GrpoProgram:
-    gcfg: GrpoConfig = ctx.section
-    return GrpoProgram(None, bound, ctx=ctx, vae_cfg=vae[0], vae_params=vae[1],
-                       reward_fn=load_reward(gcfg.reward, gcfg.reward_timeout_s), prompts=prompt_list(gcfg))
-
   def make_step(self, ctx, init_params=None):
     vae = (None, None)
     src = ctx.run.vae_from
     if src and Path(src, "vae_params").exists():
       vae = (VAEConfig.from_dict(params_io.read_model_config(src)["vae"]), params_io.load_params(Path(src, "vae_params")))
-    bound = reference_params(ctx, init_params) if ctx.section.kl_weight > 0 else None
-    return self._program(ctx, bound, vae)
+    gcfg: GrpoConfig = ctx.section
+    bound = reference_params(ctx, init_params) if gcfg.kl_weight > 0 else None
+    return GrpoProgram(None, bound, ctx=ctx, vae_cfg=vae[0], vae_params=vae[1],
+                       reward_fn=load_reward(gcfg.reward, gcfg.reward_timeout_s), prompts=prompt_list(gcfg))
 
   def abstract_step(self, ctx, abstract_state):
     bound = None
@@ -481,7 +478,7 @@ class Grpo(Objective):
       ref_dt = jnp.dtype(ctx.section.ref_dtype)
       bound = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, ref_dt if a.ndim >= 2 else a.dtype,
                                                           sharding=a.sharding), abstract_state.params)
-    return self._program(ctx, bound)
+    return GrpoProgram(None, bound, ctx=ctx)  # the update step only: no reward, prompts or VAE
 
   def step_flops(self, cfg, rows, seq_len, image_tokens):
     """`seq_len`: the prompt length; `image_tokens`: R·n (the metric / config.data.max_image_tokens·R). The

@@ -165,6 +165,7 @@ def transition_logprobs(model: NextStep, params: Any, gcfg: GrpoConfig, batch: d
   j = step_idx.shape[0]
   x = states[:, :, step_idx]  # (R, n, J, K)
   t = jnp.broadcast_to(grid[step_idx], (r, n, j))
+  # (token, step) rows, row-major over (branch, R, n, J)
   rows = lambda a: jnp.tile(a.reshape((r * n * j,) + a.shape[3:]), (gcfg.branches,) + (1,) * (a.ndim - 3))
   c_rows = jnp.repeat(c.reshape(gcfg.branches, r * n, -1), j, axis=1).reshape(gcfg.branches * r * n * j, -1)
   v = model.apply(params, rows(x), rows(t), c_rows, method=_velocity)

@@ -42,6 +42,17 @@ def rollout(cfg: ModelConfig, params, g: grpo.GrpoConfig, seed=0, n_prompts=2):
   return batch, out
 
 
+_ROLLOUTS = {}
+
+
+def cached_rollout(cfg, params, g, n_prompts=2):
+  """`rollout` of the module's params, shared by tests that sample the same way (one compile each)."""
+  key = (cfg, g.flow_config(), g.cfg, n_prompts)
+  if key not in _ROLLOUTS:
+    _ROLLOUTS[key] = rollout(cfg, params, g, n_prompts=n_prompts)
+  return _ROLLOUTS[key]
+
+
 def recompute(cfg, params, g, batch):
   idx = jnp.arange(g.flow_steps)
   return jax.device_get(jax.jit(lambda p, b: grpo.transition_logprobs(NextStep(cfg), p, g, b, idx))(params, batch))
@@ -55,7 +66,7 @@ def params():
 @pytest.mark.parametrize("sampler,cfg_scale", [("cps", 1.0), ("cps", 3.0), ("flow_sde", 1.0)])
 def test_parallel_recompute_equals_sampler_fp32(params, sampler, cfg_scale):
   g = gcfg(sampler=sampler, cfg=cfg_scale)
-  batch, out = rollout(TINY, params, g)
+  batch, out = cached_rollout(TINY, params, g)
   logp, mean, std = recompute(TINY, params, g, batch)
   stochastic = np.asarray(g.stochastic_steps())
   err = np.abs(logp - out["trajectory_logp"])
@@ -107,7 +118,7 @@ def _loss(g, params, ref, batch, key=jax.random.key(5)):
 
 def test_policy_equals_reference_gives_ratio_one_and_zero_kl(params):
   g = gcfg(sampler="cps", kl_weight=0.5)
-  batch, _ = rollout(TINY, params, g, n_prompts=2)
+  batch, _ = cached_rollout(TINY, params, g)
   loss, s, _ = _loss(g, params, params, batch)
   ratio_mean = float(s["ratio_sum"]) / float(s["count"])
   print(f"step 0: ratio − 1 = {ratio_mean - 1:.1e}, KL = {float(s['kl_sum']) / float(s['count']):.1e}, clipped "
@@ -120,8 +131,8 @@ def test_policy_equals_reference_gives_ratio_one_and_zero_kl(params):
 
 
 def test_loss_gradient_matches_finite_differences(params):
-  g = gcfg(sampler="flow_sde", kl_weight=0.3, clip_range=0.5, train_steps=3)
-  batch, _ = rollout(TINY, params, g, n_prompts=2)
+  g = gcfg(sampler="cps", kl_weight=0.3, clip_range=0.5, train_steps=2)  # 2 of CPS's 3 stochastic steps
+  batch, _ = cached_rollout(TINY, params, g)
   rng = np.random.default_rng(1)
   ref = jax.tree.map(lambda x: x * (1 + 0.05 * rng.standard_normal(x.shape).astype(np.float32)), params)
   # a policy one step away from the sampling policy: ratios ≠ 1, the KL term non-zero

@@ -53,13 +53,14 @@ def diversity(images: np.ndarray, per_prompt: int) -> dict:
   return {"pixel_distance": float(np.mean(dist)), "distinct_layouts": float(np.mean(layouts))}
 
 
-def evaluate(model_dir: Path, cfg, prompts: list[str]) -> dict:
-  """Evaluator accuracies (averaged over the eval seeds), mean attribute score, diversity."""
+def evaluate(model_dir: Path, cfg, prompts: list[str], settings=None) -> dict:
+  """Evaluator accuracies (averaged over the eval seeds), mean attribute score, diversity; `settings` (eval_seeds,
+  diversity_prompts, diversity_seeds) default to `cfg.demo.dpo`."""
   from nextstep_jax.apps.preference_pairs import shapes_score
   from nextstep_jax.demo.run import sampling_options
   from nextstep_jax.eval.shapes_scorer import score_batch
   from nextstep_jax.sampling.pipeline import Sampler
-  e = cfg.demo.dpo
+  e = settings or cfg.demo.dpo
   sampler = Sampler.from_checkpoint(model_dir)
   base = sampling_options(cfg)
   runs, attr = [], []

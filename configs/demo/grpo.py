@@ -34,5 +34,7 @@ def get_config(arg=None):
                       prompt_len=40, cfg=1.0, clip_range=1e-3, kl_weight=0.0, min_group_std=0.02,
                       max_group_mean=0.98, ref_dtype="float32", reward="shapes", prompts="shapes")
   cfg = as_grpo(cfg, grpo, rollout_rows=size["prompts_per_step"] * 8)
-  cfg.demo.grpo = dict(eval_prompts=size["eval_prompts"], eval_seeds=(0, 1), eval_seed=1, train_seeds=(0, 1))
+  # evaluation (benchmarks/grpo_demo.py): the demo's held-out prompts and sampler, as benchmarks/dpo_demo.py
+  cfg.demo.grpo = dict(eval_prompts=size["eval_prompts"], eval_seeds=(0, 1), train_seeds=(0, 1), diversity_prompts=8,
+                       diversity_seeds=8)
   return cfg

@@ -65,9 +65,10 @@ def diversity(images: np.ndarray, per_prompt: int) -> dict:
   return {"pixel_distance": float(np.mean(dist)), "distinct_layouts": float(np.mean(layouts))}
 
 
-def evaluate(model_dir: Path, cfg, prompts: list[str]) -> dict:
-  """Evaluator accuracies (averaged over the eval seeds), mean attribute score, diversity."""
-  e = cfg.demo.dpo
+def evaluate(model_dir: Path, cfg, prompts: list[str], settings=None) -> dict:
+  """Evaluator accuracies (averaged over the eval seeds), mean attribute score, diversity; `settings` (eval_seeds,
+  diversity_prompts, diversity_seeds) default to `cfg.demo.dpo`."""
+  e = settings or cfg.demo.dpo
   sampler = Sampler.from_checkpoint(model_dir)
   base = sampling_options(cfg)
   runs, attr = [], []

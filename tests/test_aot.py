@@ -134,3 +134,12 @@ def test_1b_config_fits_v5p_128():
   assert 0.9 * state < r.memory["argument"] < 1.2 * state + 64e6, (r.memory, state)
   assert r.peak_bytes < r.hbm_bytes / 4
   assert r.shape["rows_per_chip_per_microbatch"] == 1
+
+
+def test_tiny_grpo_update_step_compiles_for_v5p_8(capsys):
+  """The GRPO objective's update step (policy + fp32 reference + parallel recompute) lowers for a pod; the 14B
+  counterpart (configs/nextstep1_14b/grpo.py on v5p-128) is in docs/GRPO.md (~20 min compile, not in CI)."""
+  code, r = _aot_json(capsys, "--config", os.path.join(ROOT, "configs", "tiny", "grpo.py"), "--topology", "v5p-8")
+  assert code == 0 and r["ok"] and r["fits"], r
+  assert r["shape"]["objective"] == "grpo" and r["shape"]["global_batch"] == 8 and r["shape"]["image_slots"] == 4
+  assert r["flops_backbone"] > 0 and r["flops_head"] > 0

@@ -54,9 +54,16 @@ def np_sample(method, x, eps, n, s):
       x = sde(x, ts[j], ts[j + 1], eps[j])
     return x
   ts = np_shift(np.linspace(0, 1, n + 1), s)
+  a = 0.7  # FlowConfig.noise_level's default
   for j in range(n):
     dt, v = ts[j + 1] - ts[j], np_velocity(x, ts[j])
-    if method == "euler":
+    if method == "flow_sde":  # Flow-GRPO: dx = (v + g²/2·score) dt + g dW, g² = a²(1 − t)/t (t = 0 → ts[1])
+      g2 = a * a * (1 - ts[j]) / (ts[j] if ts[j] > 0 else ts[1])
+      x = x + (v + 0.5 * g2 * (ts[j] * v - x) / (1 - ts[j])) * dt + np.sqrt(g2 * dt) * eps[j]
+    elif method == "cps":  # x' = t'·x̂_data + (1 − t')·(cos(aπ/2)·ε̂ + sin(aπ/2)·ε)
+      x_data, noise = x + (1 - ts[j]) * v, x - ts[j] * v
+      x = ts[j + 1] * x_data + (1 - ts[j + 1]) * (np.cos(a * np.pi / 2) * noise + np.sin(a * np.pi / 2) * eps[j])
+    elif method == "euler":
       x = x + v * dt
     else:
       x = x + 0.5 * (v + np_velocity(x + v * dt, ts[j + 1])) * dt

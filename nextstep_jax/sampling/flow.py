@@ -17,6 +17,14 @@ a log-SNR offset; the interior ends approach 0 and 1 as 1/N², so the two end st
 
 `velocity(x, t, i) -> v` is the (guided) network; x (B, K) fp32; t = grid[i] a scalar array (every evaluation is at
 a grid time, so a network may precompute per-time terms and index them by i).
+Log-prob samplers (on-policy RL, `train/grpo.py`): every step is a Gaussian transition x' ~ N(μ(x, t), σ_t² I) whose
+(μ, σ, x') is recorded, so a token's trajectory log-probability is a sum of Gaussian log-densities; both run on the
+Euler grid (linspace(0, 1, N+1) shifted) with `noise_level` a:
+  flow_sde (Flow-GRPO): g = a·sqrt((1 − t)/t) (t = 0 replaced by the grid's first positive time);
+    μ = x + (v + g²/2·score)·dt, σ = g·sqrt(dt) — the marginal-preserving SDE with diffusion g.
+  cps (coefficients-preserving, Flow-CPS): x̂₁ = x + (1 − t)·v, ε̂ = x − t·v, s' = 1 − t';
+    μ = t'·x̂₁ + s'·cos(aπ/2)·ε̂, σ = s'·sin(aπ/2) — the next state keeps the noise coefficient s' exactly; the
+    last step (t' = 1) is deterministic (σ = 0) and carries no log-prob.
 Per-token schedules: token k of n uses `step_schedule[k·G // n]` steps (G = len(step_schedule)); one program runs
 every token with a padded (G, S) grid table and a dynamic trip count (`lax.fori_loop` with traced bounds).
 """
@@ -28,8 +36,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-METHODS = ("sde_a", "sde_b", "euler", "heun", "dpm_2m")
+METHODS = ("sde_a", "sde_b", "euler", "heun", "dpm_2m", "flow_sde", "cps")
+LOGPROB_METHODS = ("flow_sde", "cps")  # samplers that record Gaussian transitions (log-probs)
 Velocity = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 NoiseFn = Callable[[jax.Array], jax.Array]  # SDE step index j (0-based) → ε (B, K)
 
@@ -43,6 +53,7 @@ class FlowConfig:
   step_schedule: tuple[int, ...] = ()  # per-token steps over G equal token segments (each 2..steps); () = steps
   guidance_times: tuple[float, float] = (0.0, 1.0)  # CFG only while lo ≤ t ≤ hi; elsewhere the cond branch alone
   guidance_tokens: tuple[float, float] = (0.0, 1.0)  # CFG only for tokens with lo ≤ k/n < hi (hi = 1: to the end)
+  noise_level: float = 0.7  # log-prob samplers only: a of flow_sde / cps (module docstring)
 
   def validate(self) -> "FlowConfig":
     if self.method not in METHODS:
@@ -55,6 +66,13 @@ class FlowConfig:
     if bad:
       raise ValueError(f"step_schedule={self.step_schedule}: every entry must be in [2, steps={self.steps}]; "
                        f"raise --steps to the schedule's maximum")
+    if self.records_logprob:
+      if not 0.0 < self.noise_level <= (1.0 if self.method == "cps" else 10.0):
+        raise ValueError(f"noise_level={self.noise_level} must be in (0, {1 if self.method == 'cps' else 10}] for "
+                         f"the {self.method} sampler (Flow-GRPO uses 0.7)")
+      if self.step_schedule:
+        raise ValueError(f"the {self.method} sampler records one trajectory shape per token: leave step_schedule "
+                         f"empty")
     for name, (lo, hi) in (("guidance_times", self.guidance_times), ("guidance_tokens", self.guidance_tokens)):
       if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"{name}=({lo}, {hi}) must satisfy 0 ≤ lo ≤ hi ≤ 1")
@@ -64,7 +82,12 @@ class FlowConfig:
   def num_noise_draws(self) -> int:
     """ε draws per token besides the initial noise (the official sampler draws one per SDE step; schedules draw
     for the longest token)."""
-    return {"sde_a": self.steps - 1, "sde_b": self.steps}.get(self.method, 0)
+    return {"sde_a": self.steps - 1, "sde_b": self.steps, "flow_sde": self.steps,
+            "cps": self.steps}.get(self.method, 0)
+
+  @property
+  def records_logprob(self) -> bool:
+    return self.method in LOGPROB_METHODS
 
   @property
   def schedule(self) -> tuple[int, ...]:
@@ -144,6 +167,8 @@ def integrate(velocity: Velocity, x0: jax.Array, cfg: FlowConfig, noise: NoiseFn
   grid = jnp.asarray(time_grid(cfg)) if grid is None else grid
   steps = cfg.steps if steps is None else steps
   x0 = x0.astype(jnp.float32)
+  if cfg.records_logprob:
+    return integrate_with_trajectory(velocity, x0, cfg, noise, grid)[0]
   if cfg.method in ("sde_a", "sde_b"):
     if noise is None:
       raise ValueError("SDE samplers need a noise function")
@@ -164,6 +189,80 @@ def integrate(velocity: Velocity, x0: jax.Array, cfg: FlowConfig, noise: NoiseFn
     x_pred = x + v1 * (t_next - t)
     return x + 0.5 * (v1 + velocity(x_pred, t_next, j + 1)) * (t_next - t)
   return jax.lax.fori_loop(0, steps, heun, x0)
+
+
+# ----------------------------------------------------------------------------------------------- log-prob samplers
+
+
+@struct.dataclass
+class Trajectory:
+  """One token's recorded transitions over S steps: states x_0..x_S (S+1, B, K), means μ_j (S, B, K), stds σ_j (S,),
+  log-densities log N(x_{j+1}; μ_j, σ_j² I) (S, B) (0 where σ_j = 0)."""
+  states: jax.Array
+  means: jax.Array
+  stds: jax.Array
+  logp: jax.Array
+
+
+def _diffusion(cfg: FlowConfig, t, t_first, xp=jnp):
+  """flow_sde's g(t) = a·sqrt((1 − t)/t), t = 0 replaced by the grid's first positive time (numpy or jax)."""
+  return cfg.noise_level * xp.sqrt((1.0 - t) / xp.where(t > 0, t, t_first))
+
+
+def transition_std(cfg: FlowConfig, t, t_next, t_first, xp=jnp):
+  """σ of a log-prob sampler's step t → t_next (numpy or jax; a function of the grid alone)."""
+  if cfg.method == "flow_sde":
+    return _diffusion(cfg, t, t_first, xp) * xp.sqrt(t_next - t)
+  if cfg.method == "cps":
+    return (1.0 - t_next) * np.sin(cfg.noise_level * np.pi / 2)
+  raise ValueError(f"{cfg.method!r} is not a log-prob sampler ({LOGPROB_METHODS})")
+
+
+def transition(cfg: FlowConfig, v, x, t, t_next, t_first):
+  """(μ, σ) of the Gaussian step x → x' of a log-prob sampler (module docstring). t, t_next, t_first broadcast
+  against x[..., :1] (scalars while sampling, per-row arrays in the parallel recompute); σ has t's shape."""
+  std = transition_std(cfg, t, t_next, t_first)
+  if cfg.method == "flow_sde":
+    g = _diffusion(cfg, t, t_first)
+    score = (t * v - x) / (1.0 - t)
+    return x + (v + 0.5 * jnp.square(g) * score) * (t_next - t), std
+  x1_hat, eps_hat = x + (1.0 - t) * v, x - t * v
+  return t_next * x1_hat + (1.0 - t_next) * np.cos(cfg.noise_level * np.pi / 2) * eps_hat, std
+
+
+def gaussian_logprob(x_next, mean, std):
+  """Σ over the last axis of log N(x_next; mean, std²) (std broadcast against x[..., 0]); 0 where std = 0."""
+  k = x_next.shape[-1]
+  ok = std > 0
+  safe = jnp.where(ok, std, 1.0)
+  z2 = jnp.sum(jnp.square((x_next - mean) / safe[..., None]), axis=-1)
+  return jnp.where(ok, -0.5 * z2 - k * jnp.log(safe) - 0.5 * k * np.log(2 * np.pi), 0.0)
+
+
+def integrate_with_trajectory(velocity: Velocity, x0: jax.Array, cfg: FlowConfig, noise: NoiseFn,
+                              grid: jax.Array | None = None) -> tuple[jax.Array, Trajectory]:
+  """A log-prob sampler from x0 (B, K) over cfg.steps steps, recording every transition (a `lax.fori_loop`)."""
+  grid = jnp.asarray(time_grid(cfg)) if grid is None else grid
+  n = cfg.steps
+  b, k = x0.shape
+
+  def step(j, tr: Trajectory) -> Trajectory:
+    x, t, t_next = tr.states[j], grid[j], grid[j + 1]
+    mean, std = transition(cfg, velocity(x, t, j), x, t, t_next, grid[1])
+    x_next = mean + std * noise(j)
+    return Trajectory(states=tr.states.at[j + 1].set(x_next), means=tr.means.at[j].set(mean),
+                      stds=tr.stds.at[j].set(std), logp=tr.logp.at[j].set(gaussian_logprob(x_next, mean, std)))
+  init = Trajectory(states=jnp.zeros((n + 1, b, k), jnp.float32).at[0].set(x0),
+                    means=jnp.zeros((n, b, k), jnp.float32), stds=jnp.zeros((n,), jnp.float32),
+                    logp=jnp.zeros((n, b), jnp.float32))
+  tr = jax.lax.fori_loop(0, n, step, init)
+  return tr.states[n], tr
+
+
+def logprob_steps(cfg: FlowConfig) -> np.ndarray:
+  """Host-side: which of a log-prob sampler's steps are stochastic (σ > 0) and so carry a log-prob (S,) bool."""
+  g = time_grid(cfg)
+  return np.broadcast_to(transition_std(cfg, g[:-1], g[1:], g[1], xp=np), (len(g) - 1,)) > 0
 
 
 def eval_times(cfg: FlowConfig, steps: int) -> np.ndarray:

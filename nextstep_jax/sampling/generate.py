@@ -3,7 +3,9 @@
 One compiled program per `Spec` (image rows, CFG branches, prompt bucket, source tokens, token grid, sampler).
 Rows are branch-major: R = branches · B_img, [cond rows; uncond rows; (text-uncond rows)] — the official layout.
 Per token k: c = condition(last hidden) → guided flow sampling of a (B_img, K) token (noise shared by branches;
-image row i uses noise row i mod noise_repeat) → optional `use_norm` → fed back to every branch through
+image row i uses noise row i mod noise_repeat; a log-prob sampler (`flow.LOGPROB_METHODS`) also records each
+token's Gaussian transitions: `trajectory_states` (B_img, n, S+1, K), `trajectory_means` (B_img, n, S, K),
+`trajectory_stds` (S,), `trajectory_logp` (B_img, n, S)) → optional `use_norm` → fed back to every branch through
 `image_in_projector` at cache position P + k (raw positions, pads masked — the official semantics).
 """
 from __future__ import annotations
@@ -62,10 +64,18 @@ class DecodeState:
   tokens_BxNxK: jax.Array
   head_out_raw_BxNxK: jax.Array | None = None  # Spec.return_debug only
   cond_NxRxD: jax.Array | None = None  # Spec.return_debug only
+  trajectory: flow.Trajectory | None = None  # log-prob samplers only: per-token transitions (B, n, ·)
 
-  def record(self, k, tok_BxK: jax.Array, raw_BxK: jax.Array, c_RxD: jax.Array) -> "DecodeState":
-    """Token k's outputs written into the state (the debug arrays when present)."""
+  def record(self, k, tok_BxK: jax.Array, raw_BxK: jax.Array, c_RxD: jax.Array,
+             tr: flow.Trajectory | None = None) -> "DecodeState":
+    """Token k's outputs written into the state (the debug arrays and trajectory when present)."""
     new = self.replace(tokens_BxNxK=self.tokens_BxNxK.at[:, k].set(tok_BxK))
+    if tr is not None:  # token k's (S, B, ·) records → row k of (B, n, S, ·)
+      per_row = lambda a: jnp.moveaxis(a, 0, 1)
+      new = new.replace(trajectory=flow.Trajectory(
+          states=new.trajectory.states.at[:, k].set(per_row(tr.states)),
+          means=new.trajectory.means.at[:, k].set(per_row(tr.means)), stds=tr.stds,
+          logp=new.trajectory.logp.at[:, k].set(per_row(tr.logp))))
     if self.head_out_raw_BxNxK is None:
       return new
     return new.replace(head_out_raw_BxNxK=self.head_out_raw_BxNxK.at[:, k].set(raw_BxK),
@@ -133,26 +143,40 @@ def generate_tokens(model: NextStep, params: Any, spec: Spec, *, ids_RxP: jax.Ar
       return apply(x, mods_i, head_blocks, method=NextStep.velocity_from_modulations)
     x0, eps = noise_for(k, k_dim)
     velocity = flow.windowed(guided, cond_only, spec.flow, k / n) if spec.branches > 1 else guided
-    raw = flow.integrate(velocity, x0, spec.flow, eps, grid, steps)
+    tr = None
+    if spec.flow.records_logprob:
+      raw, tr = flow.integrate_with_trajectory(velocity, x0, spec.flow, eps, grid)
+    else:
+      raw = flow.integrate(velocity, x0, spec.flow, eps, grid, steps)
     tok = parameter_free_layer_norm(raw, 1e-6) if spec.use_norm else raw
-    return tok, raw, c
+    return tok, raw, c, tr
 
   def body(k, state: DecodeState) -> DecodeState:
-    tok, raw, c = head(k, state.h_last_RxD)
+    tok, raw, c, tr = head(k, state.h_last_RxD)
     emb = apply(jnp.tile(tok, (spec.branches, 1)), method=NextStep.embed_image_token)
     h_new, cache = lm_step(emb, key_valid, state.cache, spec.prompt_len + k)
     if spec.progress and on_token is not None:
       jax.debug.callback(lambda i: on_token(int(i)), k)
-    return state.record(k, tok, raw, c).replace(cache=cache, h_last_RxD=h_new[:, 0])
+    return state.record(k, tok, raw, c, tr).replace(cache=cache, h_last_RxD=h_new[:, 0])
 
   debug = dict(head_out_raw_BxNxK=jnp.zeros((b_img, n, k_dim), jnp.float32),
                cond_NxRxD=jnp.zeros((n, r, cfg.hidden_size), jnp.float32)) if spec.return_debug else {}
+  if spec.flow.records_logprob:
+    s_steps = spec.flow.steps
+    zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
+    debug["trajectory"] = flow.Trajectory(states=zeros(b_img, n, s_steps + 1, k_dim),
+                                          means=zeros(b_img, n, s_steps, k_dim), stds=zeros(s_steps),
+                                          logp=zeros(b_img, n, s_steps))
   state = DecodeState(cache=cache, h_last_RxD=h[:, -1], tokens_BxNxK=jnp.zeros((b_img, n, k_dim), jnp.float32),
                       **debug)
   # tokens 0..n-2 each feed one LM step; the last token needs no LM step after it
   state = jax.lax.fori_loop(0, n - 1, body, state)
   state = state.record(n - 1, *head(n - 1, state.h_last_RxD))
   out = {"tokens": state.tokens_BxNxK}
+  if state.trajectory is not None:
+    tr = state.trajectory
+    out.update(trajectory_states=tr.states, trajectory_means=tr.means, trajectory_stds=tr.stds,
+               trajectory_logp=tr.logp)
   if spec.return_debug:
     out.update(head_out_raw=state.head_out_raw_BxNxK, cond_per_token=state.cond_NxRxD, prefill_last_hidden=h[:, -1])
   return out

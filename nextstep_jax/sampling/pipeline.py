@@ -48,7 +48,8 @@ class Options:
   cfg_schedule: str = "constant"
   steps: int = 50
   shift: float | None = None  # None: 1.0 for text-to-image, 3.2 for editing
-  method: str = "sde_a"  # flow.METHODS
+  method: str = "sde_a"  # flow.METHODS; flow_sde / cps record per-step Gaussian transitions (Result.extras)
+  noise_level: float = 0.7  # flow_sde / cps only: the SDE's noise level a (flow.py)
   step_schedule: tuple[int, ...] = ()  # per-token flow steps over equal token segments, e.g. (50, 25, 10); ≤ steps
   guidance_times: tuple[float, float] = (0.0, 1.0)  # CFG only at flow times in [lo, hi] (cond branch alone elsewhere)
   guidance_tokens: tuple[float, float] = (0.0, 1.0)  # CFG only for tokens k/n in [lo, hi)
@@ -79,7 +80,7 @@ class Options:
     """The flow part of these options (validated)."""
     return flow.FlowConfig(self.method, self.steps, default_shift if self.shift is None else self.shift,
                            step_schedule=tuple(self.step_schedule), guidance_times=tuple(self.guidance_times),
-                           guidance_tokens=tuple(self.guidance_tokens)).validate()
+                           guidance_tokens=tuple(self.guidance_tokens), noise_level=self.noise_level).validate()
 
 
 @dataclasses.dataclass

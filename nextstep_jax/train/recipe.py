@@ -79,3 +79,14 @@ def as_dpo(cfg: ml_collections.ConfigDict, dpo: ml_collections.ConfigDict, seq_l
   if global_batch_size:
     cfg.data.global_batch_size = global_batch_size
   return cfg
+
+
+def as_grpo(cfg: ml_collections.ConfigDict, grpo: ml_collections.ConfigDict, rollout_rows: int) -> ml_collections.ConfigDict:
+  """A GRPO stage (train/grpo.py): the objective, `config.grpo`; `config.data` describes the rollout batch —
+  global_batch_size = rollout rows (prompts × group_size), seq_len = the prompt length, max_image_tokens = the
+  image's token count (what AOT and the FLOPs count read)."""
+  cfg.train.objective = "grpo"
+  cfg.grpo = grpo
+  cfg.data.update(drop_text_prob=0.0, pack=False, seq_len=grpo.prompt_len, max_image_tokens=grpo.grid_h * grpo.grid_w,
+                  global_batch_size=rollout_rows)
+  return cfg

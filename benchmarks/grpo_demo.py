@@ -22,6 +22,13 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.dpo_demo import evaluate
+
+from nextstep_jax.config import load_config
+from nextstep_jax.data.shapes import held_out_prompts
+from nextstep_jax.train.loop import train
+from nextstep_jax.train.metrics import read_history
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(ROOT / "configs" / "demo" / "grpo.py")
@@ -40,11 +47,6 @@ def standard_error(p: float, n: int) -> float:
 
 def run(demo_workdir, workdir, config: str = DEFAULT_CONFIG, overrides: list[str] | None = None,
         dpo_report: str | None = None) -> dict:
-  from benchmarks.dpo_demo import evaluate
-  from nextstep_jax.config import load_config
-  from nextstep_jax.data.shapes import held_out_prompts
-  from nextstep_jax.train.loop import train
-  from nextstep_jax.train.metrics import read_history
   demo, out = Path(demo_workdir).resolve(), Path(workdir).resolve()
   export = demo / "train" / "export"
   if not (export / "params").is_dir():

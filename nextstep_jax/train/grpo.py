@@ -31,12 +31,15 @@ import numpy as np
 import optax
 
 from nextstep_jax import params_io, sharding
-from nextstep_jax.config import DTYPES, ConfigError, ModelConfig, VAEConfig
+from nextstep_jax.config import ConfigError, DTYPES, ModelConfig, VAEConfig
 from nextstep_jax.data.pipeline import batch_shardings
+from nextstep_jax.data.shapes import caption_space
+from nextstep_jax.models.latents import unpatchify
 from nextstep_jax.models.layers import parameter_free_layer_norm, to_dtype
 from nextstep_jax.models.nextstep import NextStep, per_count
 from nextstep_jax.sampling import flow
 from nextstep_jax.sampling.generate import Spec, compiled_program
+from nextstep_jax.tokens import NextStepTokenizer, left_pad
 from nextstep_jax.train import flops as flops_lib
 from nextstep_jax.train.config import check, finite, section_dict, typed_view
 from nextstep_jax.train.dpo import reference_params
@@ -297,7 +300,6 @@ def rollout_shapes(cfg: ModelConfig, gcfg: GrpoConfig, rows: int) -> dict[str, t
 def prompt_list(gcfg: GrpoConfig) -> list[str]:
   """The prompts of `config.grpo.prompts`: the shapes world's 540 captions or a text file's non-empty lines."""
   if gcfg.prompts == "shapes":
-    from nextstep_jax.data.shapes import caption_space
     return caption_space()
   path = Path(gcfg.prompts)
   check(path.is_file(), f"config.grpo.prompts={gcfg.prompts!r} is neither 'shapes' nor a text file; pass a file "
@@ -312,7 +314,6 @@ def prompt_batch(gcfg: GrpoConfig, cfg: ModelConfig, tokenizer: Any, n_prompts: 
   """Global rollout-input batch `index`: `n_prompts` prompt ids drawn without replacement by (prompt_seed, index),
   each repeated G times (group-major), tokenised and left-padded to prompt_len; a tokenizer of None gives random
   ids (synthetic runs). Keys: input_ids, attention_mask, prompt_index (+ the uncond rows with CFG)."""
-  from nextstep_jax.tokens import left_pad
   rng = np.random.default_rng([gcfg.prompt_seed, index])
   ids = rng.choice(len(prompts), size=n_prompts, replace=n_prompts > len(prompts))
   index_r = np.repeat(ids, gcfg.group_size).astype(np.int32)
@@ -352,7 +353,6 @@ def prompt_iterator(gcfg: GrpoConfig, cfg: ModelConfig, tokenizer: Any, rows: in
 
 def latent_preview(tokens_RxNxK: np.ndarray, grid_h: int, grid_w: int, patch: int) -> np.ndarray:
   """uint8 stand-in images without a VAE (synthetic runs): the first three latent channels through a sigmoid."""
-  from nextstep_jax.models.latents import unpatchify
   lat = np.asarray(unpatchify(jnp.asarray(tokens_RxNxK), grid_h * patch, grid_w * patch, patch))[..., :3]
   return np.round(255 / (1 + np.exp(-lat))).astype(np.uint8)
 
@@ -456,7 +456,6 @@ class Grpo(Objective):
     gcfg = self.config_view(config)
     tokenizer = None
     if not run.synthetic_data:
-      from nextstep_jax.tokens import NextStepTokenizer
       tok_dir = config.data.get("tokenizer") or (str(Path(run.vae_from, "tokenizer")) if run.vae_from else "")
       check(bool(tok_dir) and Path(tok_dir).is_dir(), f"GRPO needs a tokenizer: config.data.tokenizer={tok_dir!r} "
             f"is not a directory; pass --config.data.tokenizer=DIR")

@@ -20,8 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from nextstep_jax.config import ConfigError
+from nextstep_jax.eval.shapes_scorer import score_image
 
 RewardFn = Callable[[Sequence[str], np.ndarray], np.ndarray]
 SHAPES_VERDICTS = ("color", "kind", "count", "objects", "position")
@@ -46,7 +48,6 @@ def check_scores(scores, n: int, source: str) -> np.ndarray:
 
 def shapes_reward(prompts: Sequence[str], images: np.ndarray) -> np.ndarray:
   """The demo's built-in reward (module docstring)."""
-  from nextstep_jax.eval.shapes_scorer import score_image
   out = []
   for image, caption in zip(images, prompts):
     v = score_image(image, caption)
@@ -59,14 +60,12 @@ def shapes_reward(prompts: Sequence[str], images: np.ndarray) -> np.ndarray:
 
 def encode_png(image: np.ndarray) -> str:
   """uint8 (H, W, 3) → base64 PNG text."""
-  from PIL import Image
   buf = io.BytesIO()
   Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
   return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def decode_png(text: str) -> np.ndarray:
-  from PIL import Image
   return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from nextstep_jax.config import ConfigError
 from nextstep_jax.train.dpo import Dpo
+from nextstep_jax.train.lora import Lora
 from nextstep_jax.train.objective import Objective
 from nextstep_jax.train.step import FlowMatching
 
 OBJECTIVES: dict[str, Objective] = {
     "fm": FlowMatching(),  # pre-training, SFT, editing (train/step.py)
     "dpo": Dpo(),  # flow-matching DPO on preference pairs (train/dpo.py)
+    "lora": Lora(),  # flow matching through LoRA/QLoRA adapters on a frozen base (train/lora.py)
 }
 
 

@@ -107,6 +107,7 @@ def test_adapters_follow_the_base_kernels_logical_axes():
 
 
 def test_training_moves_only_adapters_and_optimizer_state_is_adapter_sized(base, single):
+  """fp32 base on the test meshes (`single`); QLoRA (int8 base, dropout) here: the base bit-identical after steps."""
   adapters, hist, _ = single
   assert all(bool(h["update_ok"]) for h in hist) and float(hist[-1]["loss"]) < float(hist[0]["loss"])
   fresh = fresh_adapters()
@@ -116,17 +117,22 @@ def test_training_moves_only_adapters_and_optimizer_state_is_adapter_sized(base,
   # the base, bound into every step, is bit-identical afterwards (and never part of the state)
   tx, _ = make_optimizer(train_cfg())
   mesh = sharding.mesh_from_shape((1, 1, 1))
-  init = lora.Lora().trainable_init(TINY, LCFG)
+  qcfg = dataclasses.replace(LCFG, base_dtype="int8", dropout=0.1)
+  init = lora.Lora().trainable_init(TINY, qcfg)
   state = init_state(TINY, tx, mesh, jax.random.key(0), init=init)
-  base_dev = jax.device_put(base)
+  base_dev = jax.device_put(quant.quantize_params(base))
   before = jax.device_get(base_dev)
-  step = lora.jit_lora_step(TINY, LCFG, tx, lambda s: 0.0, 1, jax.tree.map(lambda x: x.sharding, state),
+  step = lora.jit_lora_step(TINY, qcfg, tx, lambda s: 1e-3, 1, jax.tree.map(lambda x: x.sharding, state),
                             jax.tree.map(lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
                                          batches(1)[0]), mesh)
-  for b in batches(2):
-    state, _ = step(state, base_dev, b, jax.random.key(1))
+  losses = []
+  for b in batches(3):
+    state, m = step(state, base_dev, b, jax.random.key(1))
+    losses.append(float(m["loss"]))
+  assert all(np.isfinite(losses)) and int(state.skipped) == 0
   for k, v in traverse_util.flatten_dict(jax.device_get(base_dev)).items():
     assert np.array_equal(v, traverse_util.flatten_dict(before)[k]), k
+  assert all(not np.array_equal(v, flat0[k]) for k, v in traverse_util.flatten_dict(state.params).items())
   assert set(traverse_util.flatten_dict(state.params)) == set(flat0)
   n_model = sum(x.size for x in jax.tree.leaves(base))
   n_adapter = lora_lib.count(adapters)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nextstep_jax import params_io, sharding
+from nextstep_jax import file_manifest, params_io, sharding
 from nextstep_jax.config import ModelConfig
 from nextstep_jax.errors import UserError
 from nextstep_jax.models import lora as lora_lib
@@ -100,14 +100,19 @@ def base_layout(cfg: ModelConfig, lcfg: LoraConfig) -> tuple[Any, Any]:
 
 
 def base_fingerprint(model_dir: str) -> str:
-  """sha256 of the base's model section and its parameters' paths, shapes and dtypes (no tensor data read)."""
-  meta = params_io.param_metadata(Path(model_dir) / "params")
+  """sha256 of the base's model section and its params' file manifest (sizes + CRC-32s, written with the
+  parameter set; without one: the parameters' paths, shapes and dtypes). No tensor data is read."""
+  params = Path(model_dir) / "params"
+  manifest = file_manifest.read(params / params_io.MANIFEST)
+  if manifest:
+    content = manifest["files"]
+  else:
+    content = sorted(("/".join(k), list(s), str(d)) for k, (s, d) in params_io.param_metadata(params).items())
   model = params_io.read_model_config(model_dir).get("model", {})
-  text = json.dumps([model, sorted(("/".join(k), list(s), str(d)) for k, (s, d) in meta.items())], sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
+  return hashlib.sha256(json.dumps([model, content], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_base_dir(path: str, cfg: ModelConfig, lcfg: LoraConfig) -> None:
+def check_base_dir(path: str, cfg: ModelConfig) -> None:
   """One line (UserError) unless `path` is a model directory whose parameters fit `config.model`."""
   if not path:
     raise UserError("config.lora needs config.train.init_from: the base model directory (a converted release "
@@ -128,7 +133,7 @@ def check_base_dir(path: str, cfg: ModelConfig, lcfg: LoraConfig) -> None:
 
 def load_base(path: str, cfg: ModelConfig, lcfg: LoraConfig, mesh) -> Any:
   """The frozen base on the mesh, matrices in `base_dtype` (int8: quantized here unless stored so)."""
-  check_base_dir(path, cfg, lcfg)
+  check_base_dir(path, cfg)
   stored_int8 = quant.is_quantized({tuple(k): 0 for k in params_io.param_metadata(Path(path) / "params")})
   abstract, names = base_layout(cfg, lcfg)
   shardings = sharding.tree_shardings(names, abstract, mesh)
@@ -219,6 +224,7 @@ class Lora(FlowMatching):
     return lambda rng: lora_lib.init_adapters(rng, layout, ad_names)
 
   def initial_params(self, run, cfg, mesh):
+    check_base_dir(run.init_from, cfg)  # before the state is built
     return None  # the base is bound into the step, not merged into the (adapter) state
 
   def _program(self, ctx: StepContext):
@@ -227,6 +233,7 @@ class Lora(FlowMatching):
                            ctx.batch_shardings, ctx.mesh)
 
   def make_step(self, ctx, init_params=None):
+    check_base_dir(ctx.run.init_from, ctx.cfg)
     if ctx.workdir:
       write_or_check_pointer(ctx.workdir, ctx.run.init_from)
     return StepProgram(self._program(ctx), load_base(ctx.run.init_from, ctx.cfg, ctx.section, ctx.mesh))

@@ -79,3 +79,12 @@ def as_dpo(cfg: ml_collections.ConfigDict, dpo: ml_collections.ConfigDict, seq_l
   if global_batch_size:
     cfg.data.global_batch_size = global_batch_size
   return cfg
+
+
+def as_lora(cfg: ml_collections.ConfigDict, lora: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A LoRA stage (train/lora.py): the objective, `config.lora`; adapters get no weight decay. The base is
+  `config.train.init_from` (a converted release checkpoint or a stage's export)."""
+  cfg.train.objective = "lora"
+  cfg.train.weight_decay = 0.0
+  cfg.lora = lora
+  return cfg

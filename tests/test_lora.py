@@ -49,20 +49,18 @@ def loss_terms(variables, batch, lcfg=None, int8=False):
 
 
 def run_lora(mesh_shape, base, steps=3, lcfg=LCFG):
-  """(adapters after `steps`, metrics, first-batch adapter grads) on a mesh; the base bound into the step."""
+  """(adapters after `steps`, per-step metrics) on a mesh; the base bound into the step."""
   init = lora.Lora().trainable_init(TINY, lcfg)
   abstract, names = lora.base_layout(TINY, lcfg)
 
   def bound(sh):
     return jax.device_put(base, sharding.tree_shardings(names, abstract, sh.step.mesh))
 
-  def grads(adapters, b, batch):
-    apply = lambda m, a, *args, **kw: lora.lora_apply(lcfg, b, None, m, a, *args, **kw)
-    return lora.loss_and_grads(TINY, adapters, batch, jax.random.key(1), apply=apply)[2]
-  return train_on_mesh(
+  params, hist, _ = train_on_mesh(
       mesh_shape, batches(steps),
       lambda tx, sched, sh, bsh, mesh: lora.jit_lora_step(TINY, lcfg, tx, sched, 1, sh, bsh, mesh),
-      grads, tcfg=train_cfg(weight_decay=0.0), bound=bound, init=init)
+      None, tcfg=train_cfg(weight_decay=0.0), bound=bound, init=init)
+  return params, hist
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +106,7 @@ def test_adapters_follow_the_base_kernels_logical_axes():
 
 def test_training_moves_only_adapters_and_optimizer_state_is_adapter_sized(base, single):
   """fp32 base on the test meshes (`single`); QLoRA (int8 base, dropout) here: the base bit-identical after steps."""
-  adapters, hist, _ = single
+  adapters, hist = single
   assert all(bool(h["update_ok"]) for h in hist) and float(hist[-1]["loss"]) < float(hist[0]["loss"])
   fresh = fresh_adapters()
   flat, flat0 = traverse_util.flatten_dict(adapters), traverse_util.flatten_dict(fresh)
@@ -159,12 +157,12 @@ def test_merged_model_equals_unmerged_forward(base, single):
 
 @pytest.mark.parametrize("mesh_shape", TEST_MESHES)
 def test_sharded_lora_step_equals_single_device(base, single, mesh_shape):
-  ref, ref_hist, ref_grads = single
-  got, hist, grads = run_lora(mesh_shape, base)
+  ref, ref_hist = single
+  got, hist = run_lora(mesh_shape, base)  # the adapters after 3 steps carry the gradients
   loss_err = max(abs(float(a["loss"]) - float(b["loss"])) / abs(float(b["loss"])) for a, b in zip(hist, ref_hist))
-  g_err, p_err = max_relative_error(grads, ref_grads), max_relative_error(got, ref)
-  print(f"mesh {mesh_shape}: loss {loss_err:.1e}, grads {g_err:.1e}, adapters after 3 steps {p_err:.1e}")
-  assert loss_err <= 1e-5 and g_err <= 1e-5 and p_err <= 1e-5
+  p_err = max_relative_error(got, ref)
+  print(f"mesh {mesh_shape}: loss {loss_err:.1e}, adapters after 3 steps {p_err:.1e}")
+  assert loss_err <= 1e-5 and p_err <= 1e-5
 
 
 def test_adapters_on_a_base_of_other_shapes_is_one_line_error(base):

@@ -1,6 +1,7 @@
 """A LoRA stage through `train()` (configs/tiny/lora_sft.py): adapter-only checkpoints with a base
 pointer, the merged export as a plain model directory (what `sample`/`serve`/`export-nextstep` read), the adapters
 alone, resume, and one-line errors for a missing or different base."""
+import dataclasses
 import json
 import os
 
@@ -10,6 +11,7 @@ import pytest
 from flax import traverse_util
 
 from nextstep_jax import params_io, sharding
+from nextstep_jax.cli import main
 from nextstep_jax.config import load_config
 from nextstep_jax.convert.nextstep import export_nextstep
 from nextstep_jax.errors import UserError
@@ -45,7 +47,7 @@ def config(path, base_dir, **train):
   return cfg
 
 
-def test_lora_stage_checkpoints_adapters_and_exports_the_merged_model(base, tmp_path):
+def test_lora_stage_checkpoints_adapters_and_exports_the_merged_model(base, tmp_path, capsys):
   wd = tmp_path / "run"
   r = train(config(SFT, base, save_every=4), str(wd))
   assert r.step == 4 and r.last_metrics["update_ok"] == 1.0
@@ -77,6 +79,21 @@ def test_lora_stage_checkpoints_adapters_and_exports_the_merged_model(base, tmp_
   load_init_params(str(wd / "export"), TINY, sharding.mesh_from_shape((1, 1, 1)))
   files = export_nextstep(wd / "export", tmp_path / "release")
   assert files
+  # the adapters alone merge onto their recorded base offline (fp32 here; the training export keeps the bf16
+  # base's dtype), and onto a base of other shapes not at all (one line, exit 2)
+  assert main(["lora", "merge", "--src", str(wd / "export_adapters"), "--dst", str(tmp_path / "merged")]) == 0
+  flat_m = traverse_util.flatten_dict(params_io.load_params(tmp_path / "merged" / "params"))
+  assert set(flat_m) == set(flat_e)
+  for k in flat_e:
+    np.testing.assert_allclose(np.asarray(flat_e[k], np.float32), flat_m[k], rtol=2e-2, atol=2e-3, err_msg=str(k))
+  wide = tmp_path / "wide"
+  params_io.save_params(wide / "params", random_params(dataclasses.replace(TINY, intermediate_size=256)))
+  params_io.write_model_config(wide, {"model": dataclasses.replace(TINY, intermediate_size=256)})
+  capsys.readouterr()
+  assert main(["lora", "merge", "--src", str(wd / "export_adapters"), "--dst", str(tmp_path / "bad"),
+               "--model", str(wide)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "trained on" in err and "mlp" in err, err
   # resume onto another base of the same shapes is refused in one line
   other = write_base(tmp_path / "other", seed=1)
   with pytest.raises(UserError) as e:

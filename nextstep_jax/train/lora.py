@@ -33,11 +33,12 @@ import ml_collections
 from nextstep_jax import file_manifest, params_io, sharding
 from nextstep_jax.config import ModelConfig
 from nextstep_jax.errors import UserError
+from nextstep_jax.errors import warn as errors_warn
 from nextstep_jax.models import lora as lora_lib
 from nextstep_jax.models import quant
 from nextstep_jax.models.layers import to_dtype
 from nextstep_jax.models.nextstep import NextStep, abstract_params, combine_losses
-from nextstep_jax.paths import resolve
+from nextstep_jax.paths import atomic_dir, resolve
 from nextstep_jax.train import flops as flops_lib
 from nextstep_jax.train.config import check, finite, section_dict, typed_view
 from nextstep_jax.train.objective import StepContext, StepProgram, jit_step
@@ -272,3 +273,38 @@ def save_adapters(out: Path, adapters: Any, ctx: StepContext, step: int) -> Path
     tmp.rename(out)
   return out
 
+
+
+def merge_adapter_dir(adapters_dir: str, dst: str, base: str | None = None, overwrite: bool = False) -> Path:
+  """`nextstep-jax lora merge`: an adapters-only directory (WORKDIR/export_adapters) + its base (default: the
+  recorded pointer) → a merged params-only model directory (with the base's VAE and tokenizer), host-side."""
+  meta = params_io.read_model_config(adapters_dir)
+  section = meta.get("lora")
+  if not section:
+    raise UserError(f"{adapters_dir} is not an adapters directory (no 'lora' section in its "
+                    f"{params_io.CONFIG_NAME}); pass a LoRA run's WORKDIR/export_adapters")
+  pointer = section.get("base", {})
+  base = base or pointer.get("path")
+  if not base or not Path(base, "params").exists():
+    raise UserError(f"base model directory {base!r} of {adapters_dir} not found; pass --model BASE_DIR")
+  stored = params_io.param_metadata(Path(base) / "params")
+  flat = {k: jax.ShapeDtypeStruct(shp, dt) for k, (shp, dt) in stored.items()}
+  layout = flax.traverse_util.unflatten_dict(flat)
+  adapters = params_io.load_params(Path(adapters_dir) / "params")
+  try:  # shapes first (metadata only), before the base is read
+    lora_lib.check_compatible(layout, adapters, f"lora merge --model {base}")
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if pointer.get("fingerprint") and base_fingerprint(base) != pointer["fingerprint"]:
+    errors_warn(f"{base} differs from the base the adapters were trained on (fingerprint "
+                f"{base_fingerprint(base)}, recorded {pointer['fingerprint']})")
+  merged = lora_lib.merge(params_io.load_params(Path(base) / "params"), adapters, int(section["rank"]),
+                          float(section["alpha"]), int8_dtype=jnp.bfloat16)
+  base_meta = params_io.read_model_config(base)
+  with atomic_dir(dst, overwrite=overwrite) as tmp:
+    params_io.save_params(tmp / "params", jax.device_get(merged))
+    for sub in ("vae_params", "tokenizer"):
+      if Path(base, sub).exists():
+        shutil.copytree(Path(base, sub), tmp / sub)
+    params_io.write_model_config(tmp, {k: v for k, v in base_meta.items() if k != "quantization"})
+  return Path(dst)

@@ -16,7 +16,7 @@ from nextstep_jax.models import quant
 from nextstep_jax.models.nextstep import NextStep, abstract_params, draw_fm_noise
 from nextstep_jax.train import lora
 from nextstep_jax.train.optimizer import make_optimizer
-from nextstep_jax.train.state import init_state
+from nextstep_jax.train.state import init_state, state_shardings
 from nextstep_jax.train.synthetic import synthetic_batch
 from sharding_harness import TEST_MESHES, max_relative_error
 from train_utils import TINY, random_params, train_cfg, train_on_mesh
@@ -181,3 +181,31 @@ def test_nonsense_lora_config_is_one_line(bad, field):
   with pytest.raises(ConfigError) as e:
     lora.lora_section(**bad)
   assert f"config.lora.{field}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lora_step_lowers_ahead_of_time_with_an_abstract_base():
+  """The AOT path (`nextstep-jax aot`, `Objective.abstract_step`): the adapter state and the base as
+  ShapeDtypeStructs carrying the rule table's shardings (tiny model, the (2, 2, 2) CPU mesh; lowering only)."""
+  from nextstep_jax.data.pipeline import batch_shardings
+  from nextstep_jax.train.config import TrainConfig
+  from nextstep_jax.train.objective import StepContext
+  mesh = sharding.mesh_from_shape((2, 2, 2))
+  run = TrainConfig.from_config(train_cfg())
+  tx, sched = make_optimizer(run)
+  obj = lora.Lora()
+  lcfg = dataclasses.replace(LCFG, base_dtype="int8")
+  abstract, sh = state_shardings(TINY, tx, mesh, obj.trainable_init(TINY, lcfg))
+  batch = batches(1)[0]
+  bsh = batch_shardings({k: v.shape for k, v in batch.items()}, mesh)
+  ctx = StepContext(cfg=TINY, run=run, section=lcfg, tx=tx, schedule=sched, state_shardings=sh,
+                    batch_shardings=bsh, mesh=mesh, init_rng=jax.random.key(0))
+  program = obj.abstract_step(ctx, abstract)
+  flat_base = traverse_util.flatten_dict(program.bound)
+  q = ("params", "backbone", "layers", "self_attn", "q_proj")
+  assert flat_base[q + ("kernel",)].dtype == np.int8 and (q + ("kernel_scale",)) in flat_base
+  assert set(traverse_util.flatten_dict(abstract.params)) == set(traverse_util.flatten_dict(fresh_adapters()))
+  structs = sharding.abstract_sharded(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch), bsh)
+  key = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype,
+                             sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  text = program.lower(abstract, structs, key).as_text()
+  assert "stablehlo" in text or "func.func" in text

@@ -37,14 +37,13 @@ from nextstep_jax.errors import warn as errors_warn
 from nextstep_jax.models import lora as lora_lib
 from nextstep_jax.models import quant
 from nextstep_jax.models.layers import to_dtype
-from nextstep_jax.models.nextstep import NextStep, abstract_params, combine_losses
+from nextstep_jax.models.nextstep import NextStep, abstract_params
 from nextstep_jax.paths import atomic_dir, resolve
 from nextstep_jax.train import flops as flops_lib
 from nextstep_jax.train.config import check, finite, section_dict, typed_view
 from nextstep_jax.train.objective import StepContext, StepProgram, jit_step
 from nextstep_jax.train.state import TrainState
-from nextstep_jax.train.step import FlowMatching, loss_and_grads
-from nextstep_jax.train.update import guarded_update
+from nextstep_jax.train.step import FlowMatching, train_step
 
 BASE_DTYPES = ("bfloat16", "float32", "int8")
 POINTER = "lora_base.json"
@@ -181,16 +180,9 @@ def lora_apply(lcfg: LoraConfig, base: Any, dropout_key: jax.Array | None, model
 
 def lora_train_step(cfg: ModelConfig, lcfg: LoraConfig, tx, schedule, microbatches: int, state: TrainState,
                     base: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[TrainState, dict]:
-  """One optimizer step of the adapters; the base is read, never differentiated or updated."""
-  step_key = jax.random.fold_in(key, state.step)
-  apply = functools.partial(lora_apply, lcfg, base, jax.random.fold_in(step_key, 7))
-  loss, terms, grads = loss_and_grads(cfg, state.params, batch, step_key, microbatches, apply=apply)
-  new_state, ok, grad_norm = guarded_update(tx, state, loss, grads)
-  means = combine_losses(cfg, terms, terms)
-  metrics = {"loss": loss, "text_loss": means["text_loss"], "image_loss": means["image_loss"], "grad_norm": grad_norm,
-             "lr": schedule(state.step - state.skipped), "skipped_updates": new_state.skipped, "update_ok": ok,
-             "text_token_count": terms["ce_count"], "image_token_count": terms["fm_count"] / cfg.fm_head_batch_mul}
-  return new_state, metrics
+  """One optimizer step of the adapters (`step.train_step`); the base is read, never differentiated or updated."""
+  make_apply = lambda step_key: functools.partial(lora_apply, lcfg, base, jax.random.fold_in(step_key, 7))
+  return train_step(cfg, tx, schedule, microbatches, state, batch, key, make_apply=make_apply)
 
 
 def jit_lora_step(cfg: ModelConfig, lcfg: LoraConfig, tx, schedule, microbatches: int, state_shardings: TrainState,

@@ -49,10 +49,13 @@ def loss_and_grads(cfg: ModelConfig, params: Any, batch: dict[str, jax.Array], k
 
 
 def train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int,
-               state: TrainState, batch: dict[str, jax.Array], key: jax.Array) -> tuple[TrainState, dict]:
-  """One optimizer step. Updates are skipped (and counted) when the loss or gradient norm is not finite."""
+               state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
+               make_apply=None) -> tuple[TrainState, dict]:
+  """One optimizer step. Updates are skipped (and counted) when the loss or gradient norm is not finite.
+  `make_apply(step_key)` → the `apply` of `make_loss_fn` (LoRA: base + adapters, dropout keyed by the step)."""
   step_key = jax.random.fold_in(key, state.step)
-  loss, terms, grads = loss_and_grads(cfg, state.params, batch, step_key, microbatches)
+  apply = None if make_apply is None else make_apply(step_key)
+  loss, terms, grads = loss_and_grads(cfg, state.params, batch, step_key, microbatches, apply=apply)
   new_state, ok, grad_norm = guarded_update(tx, state, loss, grads)
   means = combine_losses(cfg, terms, terms)
   metrics = {"loss": loss, "text_loss": means["text_loss"], "image_loss": means["image_loss"], "grad_norm": grad_norm,

@@ -4,7 +4,7 @@
   python -m benchmarks.lora_aot_table --results /tmp/lora_aot.jsonl --render   # markdown from existing results
 
 Rows: configs/nextstep1_14b/lora_sft.py (adapters rank 16 on q,k,v,o,gate,up,down; bf16 frozen base), the same
-with an int8 base (QLoRA, `--config.lora.base_dtype=int8`) and
+with an int8 base (QLoRA, `--config.lora.base_dtype=int8`), the bf16 one with 4096-token rows (`lora_sft_4k`) and
 configs/nextstep1_14b/sft.py (full fine-tuning: fp32 master weights + AdamW) with the LoRA run's batch shape
 (16 packed 8192-token rows, all-FSDP mesh, one row per chip per micro-batch). One compile per subprocess
 (benchmarks/aot_table.py: run_cell); 14B compiles take minutes each on a 2-core machine.
@@ -21,7 +21,7 @@ from benchmarks.aot_table import _load, _verdict, run_cell
 
 PODS = ("v5e-8", "v6e-8", "v5p-8", "v4-8")
 ROWS = {"lora_sft": "configs/nextstep1_14b/lora_sft.py", "qlora_sft": "configs/nextstep1_14b/lora_sft.py",
-        "full_sft": "configs/nextstep1_14b/sft.py"}
+        "full_sft": "configs/nextstep1_14b/sft.py", "lora_sft_4k": "configs/nextstep1_14b/lora_sft.py"}
 BATCH = 16
 
 
@@ -33,6 +33,8 @@ def overrides(row: str, pod: str) -> list[str]:
     out.append(f"--config.data.global_batch_size={BATCH}")
   if row == "qlora_sft":
     out.append("--config.lora.base_dtype=int8")
+  if row == "lora_sft_4k":  # half-length packed rows (a 512 px image is 1024 tokens)
+    out.append("--config.data.seq_len=4096")
   return out
 
 
@@ -52,9 +54,10 @@ def compile_all(results: str, rows: list[str], pods: list[str], timeout: int) ->
 
 
 def render(results: str, rows: list[str], pods: list[str]) -> str:
+  from nextstep_jax.tpu_topology import pod_type
   done = _load(results)
-  lines = ["| pod (chips, HBM/chip) | LoRA SFT (bf16 base): peak GiB/chip | QLoRA SFT (int8 base) | full SFT "
-           "| LoRA step s at 50% MFU |", "|---|---|---|---|---|"]
+  lines = ["| pod (chips, HBM/chip) | LoRA SFT (bf16 base): peak GiB/chip | QLoRA SFT (int8 base) | LoRA, 4096-token "
+           "rows | full SFT | LoRA step s at 50% MFU |", "|---|---|---|---|---|---|"]
 
   def cell(r):
     if r is None:
@@ -65,12 +68,12 @@ def render(results: str, rows: list[str], pods: list[str]) -> str:
       return f"**no**: needs {r['needed_gib']:.1f}" if r.get("needed_gib") else "**no**"
     return f"error: {r.get('error', '')[:60]}"
   for pod in pods:
-    lo, ql, fu = (done.get((row, pod)) for row in ("lora_sft", "qlora_sft", "full_sft"))
-    any_r = lo or ql or fu
+    lo, ql, l4, fu = (done.get((row, pod)) for row in ("lora_sft", "qlora_sft", "lora_sft_4k", "full_sft"))
+    any_r = lo or ql or l4 or fu
     hbm = f"{any_r['hbm_gib']:.1f} GiB" if any_r and any_r.get("hbm_gib") else "?"
-    chips = any_r.get("num_devices", "?") if any_r else "?"
+    chips = pod_type(pod).num_chips
     step = f"{lo['step_time_s']['50%']:.2f}" if lo and lo.get("ok") else "—"
-    lines.append(f"| {pod} ({chips}, {hbm}) | {cell(lo)} | {cell(ql)} | {cell(fu)} | {step} |")
+    lines.append(f"| {pod} ({chips}, {hbm}) | {cell(lo)} | {cell(ql)} | {cell(l4)} | {cell(fu)} | {step} |")
   return "\n".join(lines)
 
 

@@ -58,7 +58,7 @@ MUTATIONS = [
     ("heun_corrector_at_wrong_time", "nextstep_jax/sampling/flow.py",
      "return x + 0.5 * (v1 + velocity(x_pred, t_next, j + 1)) * (t_next - t)",
      "return x + 0.5 * (v1 + velocity(x_pred, t, j + 1)) * (t_next - t)",
-     [OPTS + "test_heun_on_a_linear_velocity_has_its_closed_form"]),
+     [OPTS + "test_heun_on_a_linear_velocity_has_its_closed_form", OPTS + "test_flow_method_matches_numpy_loop"]),
     ("linear_cfg_schedule_rising", "nextstep_jax/sampling/flow.py",
      "return 1.0 + (cfg - 1.0) * (n - k) / n", "return 1.0 + (cfg - 1.0) * k / n",
      [OPTS + "test_cfg_schedules_per_token", PP + "test_linear_schedule_without_norm_matches_official"]),

@@ -203,7 +203,7 @@ def _lower_train(config, cfg: ModelConfig, mesh, sample: SampleSettings):
   objective = get_objective(run.objective)
   section = objective.config_view(config)
   tx, schedule = make_optimizer(run)
-  abstract_state, state_sh = state_shardings(cfg, tx, mesh)
+  abstract_state, state_sh = state_shardings(cfg, tx, mesh, objective.trainable_init(cfg, section))
   structs = batch_shapes(config.data, step_input=True)
   shapes = {k: v.shape for k, v in structs.items()}
   for k, shape in objective.batch_extras(shapes).items():

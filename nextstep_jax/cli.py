@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 
-COMMANDS = ("convert", "vae", "sample", "serve", "train", "data", "demo", "aot")
+COMMANDS = ("convert", "vae", "sample", "serve", "train", "data", "demo", "aot", "lora")
 PATH_DESTS = ("checkpoint", "out", "image", "src", "dst", "workdir", "vae", "model", "prompts")
 OUTPUT_DESTS = ("out", "dst", "workdir")
 _GPU_PLUGINS = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")

@@ -49,6 +49,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("fm_embed", "fsdp"),  # flow-head width
     ("fm_mlp", "tensor"),  # flow-head hidden / modulation outputs
     ("fm_freq", None),  # sinusoidal time features
+    ("lora_rank", None),  # the low-rank axis of LoRA adapters (models/lora.py)
     # VAE (small; convolutions are kept replicated except their channel-out axis)
     ("conv_h", None),
     ("conv_w", None),

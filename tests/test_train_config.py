@@ -13,6 +13,7 @@ from nextstep_jax.train.dpo import DpoConfig
 
 TINY1 = os.path.join(ROOT, "configs", "tiny", "stage1_256px.py")
 TINY_DPO = os.path.join(ROOT, "configs", "tiny", "dpo.py")
+TINY_LORA = os.path.join(ROOT, "configs", "tiny", "lora_sft.py")
 
 CASES = [  # (config file, override, what the one line must say)
     (TINY1, "--config.train.lrr=1e-4", "config has no field 'train.lrr'"),
@@ -23,10 +24,12 @@ CASES = [  # (config file, override, what the one line must say)
     (TINY1, "--config.train.warmup_steps=100", "config.train.warmup_steps=100 exceeds steps=6"),
     (TINY1, "--config.train.microbatches=3", "config.train.microbatches=3 does not divide"),
     (TINY1, "--config.train.b2=1.5", "config.train.b2=1.5 must be in [0, 1)"),
-    (TINY1, "--config.train.objective=grpo", "config.train.objective='grpo' is not one of ['dpo', 'fm']"),
+    (TINY1, "--config.train.objective=grpo", "config.train.objective='grpo' is not one of ['dpo', 'fm', 'lora']"),
     (TINY_DPO, "--config.dpo.beta=0", "config.dpo.beta=0.0 must be > 0"),
     (TINY_DPO, "--config.dpo.beta=-5", "config.dpo.beta=-5.0 must be > 0"),
     (TINY_DPO, "--config.dpo.ref_dtype=int8", "config.dpo.ref_dtype='int8' is not one of"),
+    (TINY_LORA, "--config.lora.rank=0", "config.lora.rank=0 must be a positive integer"),
+    (TINY_LORA, "--config.lora.targets=['q','attn']", "config.lora.targets has unknown ['attn']"),
 ]
 
 

@@ -39,16 +39,17 @@ def random_params(cfg: ModelConfig, seed: int = 0):
   return traverse_util.unflatten_dict(out)
 
 
-def train_on_mesh(mesh_shape, batches, jit_step, grads_fn, params=None, tcfg=None, bound=None):
+def train_on_mesh(mesh_shape, batches, jit_step, grads_fn, params=None, tcfg=None, bound=None, init=None):
   """The trainer tests' skeleton: optimizer → state born sharded on the mesh → batch shardings → jit → loop.
 
   `jit_step(tx, sched, state_shardings, batch_shardings, mesh)` → jitted step(state, [bound,] batch, key);
   `grads_fn(params, [bound,] batch)` → the first batch's gradients (None: not computed); `bound(state_shardings)` → inputs bound into
-  every step (e.g. a DPO reference on the params' shardings). Returns (final params, per-step metrics, grads)."""
+  every step (e.g. a DPO reference on the params' shardings; LoRA's base); `init`: the state's params init (LoRA:
+  the adapters; default the model). Returns (final params, per-step metrics, grads)."""
   tx, sched = make_optimizer(tcfg or train_cfg())
   mesh = sharding.mesh_from_shape(mesh_shape)
-  state = init_state(TINY, tx, mesh, jax.random.key(0), params=params)
-  _, sh = state_shardings(TINY, tx, mesh)
+  state = init_state(TINY, tx, mesh, jax.random.key(0), params=params, init=init)
+  _, sh = state_shardings(TINY, tx, mesh, init)
   extra = () if bound is None else (bound(sh),)
   bsh = batch_shardings({k: v.shape for k, v in batches[0].items()}, mesh)
   history = []

@@ -5,7 +5,13 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-  p = sub.add_parser("train", help="train one curriculum stage (resumes automatically from --workdir)")
+  p = sub.add_parser(
+      "train", help="train one curriculum stage (resumes automatically from --workdir)",
+      description="Train one stage of a config. To fine-tune a released model, convert it first and start from "
+                  "the conversion: `nextstep-jax convert nextstep --src NextStep-1-Large --dst ckpt/large "
+                  "--dtype bfloat16`, then `--config.train.init_from=ckpt/large` (full fine-tuning: "
+                  "configs/nextstep1_14b/sft.py; LoRA/QLoRA adapters on a frozen base: lora_sft.py / lora_edit.py, "
+                  "whose checkpoints hold the adapters only and whose WORKDIR/export is the merged model).")
   p.add_argument("--config", required=True, help="experiment file, e.g. configs/nextstep1_14b/stage1_256px.py")
   p.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard, export (local or gs://)")
   p.add_argument("--multihost", action="store_true",

@@ -135,7 +135,8 @@ class FlowHead(nn.Module):
     self.time_embed = TimestepEmbedder(cfg)
     self.cond_embed = d(cfg.fm_head_dim, "mlp", "fm_embed", "cond_embed")
     self.input_proj = d(cfg.fm_head_dim, "token", "fm_embed", "input_proj")
-    self.res_blocks = nn.scan(ResBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+    self.res_blocks = nn.scan(ResBlock, variable_axes={"params": 0, "lora": 0},
+                              split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast,), length=cfg.fm_head_layers,
                               unroll=min(cfg.scan_unroll, cfg.fm_head_layers),
                               metadata_params={nn.PARTITION_NAME: "layers"})(cfg)

@@ -103,11 +103,13 @@ def is_quantized(params: Any) -> bool:
 # ----------------------------------------------------------------------------------------------- compute
 
 
-def quantized_dot(x: jax.Array, q: jax.Array, scale: jax.Array, n_contract: int, dtype: Any) -> jax.Array:
-  """x (…, I₁…Iₙ) · dequant(q (I₁…Iₙ, O…), scale (O…)) → (…, O…) in `dtype` (paths: module docstring)."""
+def quantized_dot(x: jax.Array, q: jax.Array, scale: jax.Array, n_contract: int, dtype: Any,
+                  weight_only: bool = False) -> jax.Array:
+  """x (…, I₁…Iₙ) · dequant(q (I₁…Iₙ, O…), scale (O…)) → (…, O…) in `dtype` (paths: module docstring);
+  `weight_only`: the TPU/GPU path everywhere (training through int8 weights: rounding x has no gradient)."""
   x_axes = tuple(range(x.ndim - n_contract, x.ndim))
   dims = ((x_axes, tuple(range(n_contract))), ((), ()))
-  if sharding.target_platform() == "cpu":
+  if sharding.target_platform() == "cpu" and not weight_only:
     x32 = x.astype(jnp.float32)
     s_x = jnp.max(jnp.abs(x32), axis=x_axes, keepdims=True) / 127.0
     s_x = jnp.where(s_x > 0, s_x, 1.0)
@@ -119,22 +121,25 @@ def quantized_dot(x: jax.Array, q: jax.Array, scale: jax.Array, n_contract: int,
   return (y * scale).astype(dtype)
 
 
-def _intercept(next_fun, args, kwargs, context):
-  mod = context.module
-  if context.method_name != "__call__" or not isinstance(mod, nn.DenseGeneral) or not mod.has_variable("params",
-                                                                                                        SCALE):
-    return next_fun(*args, **kwargs)
-  x = args[0]
-  axis = (mod.axis,) if isinstance(mod.axis, int) else tuple(mod.axis)
-  y = quantized_dot(x, mod.get_variable("params", "kernel"), mod.get_variable("params", SCALE), len(axis),
-                    mod.dtype or x.dtype)
-  if mod.use_bias:
-    y = y + mod.get_variable("params", "bias").astype(y.dtype)
-  return y
+def _interceptor(weight_only: bool):
+  def intercept(next_fun, args, kwargs, context):
+    mod = context.module
+    if (context.method_name != "__call__" or not isinstance(mod, nn.DenseGeneral)
+        or not mod.has_variable("params", SCALE)):
+      return next_fun(*args, **kwargs)
+    x = args[0]
+    axis = (mod.axis,) if isinstance(mod.axis, int) else tuple(mod.axis)
+    y = quantized_dot(x, mod.get_variable("params", "kernel"), mod.get_variable("params", SCALE), len(axis),
+                      mod.dtype or x.dtype, weight_only)
+    if mod.use_bias:
+      y = y + mod.get_variable("params", "bias").astype(y.dtype)
+    return y
+  return intercept
 
 
 @contextlib.contextmanager
-def quantized_dense():
-  """Within this context (while tracing), DenseGeneral layers holding a `kernel_scale` run the int8 dot."""
-  with nn.intercept_methods(_intercept):
+def quantized_dense(weight_only: bool = False):
+  """Within this context (while tracing), DenseGeneral layers holding a `kernel_scale` run the int8 dot
+  (`weight_only`: dequantize the kernel into the dot on every platform, as training through it needs)."""
+  with nn.intercept_methods(_interceptor(weight_only)):
     yield

@@ -109,7 +109,7 @@ def scanned_layers(cfg: ModelConfig) -> type[nn.Module]:
   layer = DecoderLayer
   if cfg.remat_policy != "none":
     layer = nn.remat(layer, policy=REMAT[cfg.remat_policy], prevent_cse=False)
-  return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+  return nn.scan(layer, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                  unroll=min(cfg.scan_unroll, cfg.num_layers),
                  metadata_params={nn.PARTITION_NAME: "layers"})

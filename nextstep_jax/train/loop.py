@@ -34,7 +34,7 @@ from nextstep_jax.train.metrics import MetricWriter
 from nextstep_jax.train.objective import StepContext
 from nextstep_jax.train.optimizer import make_optimizer, model_params
 from nextstep_jax.train.registry import get_objective
-from nextstep_jax.train.state import init_state, load_init_params, state_shardings
+from nextstep_jax.train.state import init_state, state_shardings
 from nextstep_jax.train.stops import NonFiniteGuard, Preemption
 
 
@@ -83,7 +83,8 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
                     "lower config.data.resolution or raise model.base_image_grid_size")
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = make_optimizer(run)
-  abstract, shardings = state_shardings(cfg, tx, mesh)
+  trainable = objective.trainable_init(cfg, section)
+  abstract, shardings = state_shardings(cfg, tx, mesh, trainable)
   data_iter = objective.data_iterator(config, cfg, run, jax.process_index(), jax.process_count())
   ckpt = Checkpointer(workdir, run.save_every, run.keep, run.async_checkpoint, model_config=cfg)
   is_main = jax.process_index() == 0
@@ -95,8 +96,8 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
     state = ckpt.restore(start, abstract, data_iter)
     print(f"resumed from {ckpt.directory}/{start}", flush=True)
   else:
-    given = load_init_params(run.init_from, cfg, mesh) if run.init_from else None
-    state = init_state(cfg, tx, mesh, init_rng, params=given)
+    given = objective.initial_params(run, cfg, mesh)
+    state = init_state(cfg, tx, mesh, init_rng, params=given, init=trainable)
     start = 0
     if given is not None:
       print(f"initialised from {run.init_from} (fresh optimizer)", flush=True)
@@ -110,7 +111,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
     b_sh = {k: v for k, v in b_sh.items() if k != "pixel_values"}
     b_sh["image_tokens"] = encoder.sharding(global_shapes["pixel_values"][0])
   ctx = StepContext(cfg=cfg, run=run, section=section, tx=tx, schedule=schedule, state_shardings=shardings,
-                    batch_shardings=b_sh, mesh=mesh, init_rng=init_rng)
+                    batch_shardings=b_sh, mesh=mesh, init_rng=init_rng, workdir=workdir)
   step_fn = objective.make_step(ctx, state.params if start == 0 else None)
   peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, run.peak_flops_per_device)
   total_steps = run.steps if max_steps is None else min(run.steps, max_steps)
@@ -144,7 +145,8 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
         writer.scalars(step, metrics)
       guard.check(ckpt, writer)
       if run.sample_every and step % run.sample_every == 0 and is_main:
-        _sample_grid(config, run, cfg, model_params(state.params, state.opt_state), writer, step, workdir)
+        _sample_grid(config, run, cfg, objective.export_params(ctx, step_fn, model_params(state.params, state.opt_state)),
+                     writer, step, workdir)
       if ckpt.should_save(step) or step == total_steps:
         ckpt.save(step, state, data_iter, force=step == total_steps)
         last_saved = step
@@ -157,7 +159,9 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
   guard.check(ckpt, writer, final=True)
   ckpt.close()
   if run.export and step == run.steps and not preempted:
-    exported = export_model(workdir, model_params(state.params, state.opt_state), config, run, step)
+    trained = model_params(state.params, state.opt_state)
+    exported = export_model(workdir, objective.export_params(ctx, step_fn, trained), config, run, step)
+    objective.extra_exports(ctx, workdir, trained, step)
     if is_main:
       print(f"exported params to {exported}", flush=True)
   writer.close()

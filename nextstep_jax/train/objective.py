@@ -16,7 +16,7 @@ import optax
 from nextstep_jax.config import ModelConfig
 from nextstep_jax.train.config import TrainConfig
 from nextstep_jax.train.flops import StepFlops
-from nextstep_jax.train.state import TrainState
+from nextstep_jax.train.state import TrainState, load_init_params
 from nextstep_jax.train.synthetic import synthetic_batch, synthetic_iterator
 
 
@@ -32,6 +32,7 @@ class StepContext:
   batch_shardings: dict[str, Any]
   mesh: jax.sharding.Mesh
   init_rng: jax.Array  # the key the fresh state was initialised with (rebuilds initial params on resume)
+  workdir: str = ""  # the run's WORKDIR ("" when lowering ahead of time)
 
 
 @dataclasses.dataclass
@@ -91,6 +92,21 @@ class Objective:
   def batch_extras(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Global shapes of the batch entries this objective adds to the t2i contract (float32), for AOT."""
     return {}
+
+  def trainable_init(self, cfg: ModelConfig, section: Any) -> Callable[[jax.Array], Any] | None:
+    """`init(rng)` → the boxed (logically named) tree the train state optimises; None: the model's params."""
+    return None
+
+  def initial_params(self, run: TrainConfig, cfg: ModelConfig, mesh) -> Any:
+    """Params merged into a fresh state: `config.train.init_from`'s (None: a fresh init)."""
+    return load_init_params(run.init_from, cfg, mesh) if run.init_from else None
+
+  def export_params(self, ctx: StepContext, program: StepProgram, params: Any) -> Any:
+    """The model params to export / sample with, given the state's (EMA-resolved) params."""
+    return params
+
+  def extra_exports(self, ctx: StepContext, workdir: str, params: Any, step: int) -> None:
+    """Anything the objective writes next to WORKDIR/export (e.g. LoRA's adapters alone)."""
 
   def make_step(self, ctx: StepContext, init_params: Any = None) -> StepProgram:
     """The step with its real bound inputs; `init_params`: the fresh state's params (None on resume)."""

@@ -90,3 +90,12 @@ def as_grpo(cfg: ml_collections.ConfigDict, grpo: ml_collections.ConfigDict, rol
   cfg.data.update(drop_text_prob=0.0, pack=False, seq_len=grpo.prompt_len, max_image_tokens=grpo.grid_h * grpo.grid_w,
                   global_batch_size=rollout_rows)
   return cfg
+
+
+def as_lora(cfg: ml_collections.ConfigDict, lora: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A LoRA stage (train/lora.py): the objective, `config.lora`; adapters get no weight decay. The base is
+  `config.train.init_from` (a converted release checkpoint or a stage's export)."""
+  cfg.train.objective = "lora"
+  cfg.train.weight_decay = 0.0
+  cfg.lora = lora
+  return cfg

@@ -5,6 +5,7 @@ from __future__ import annotations
 from nextstep_jax.config import ConfigError
 from nextstep_jax.train.dpo import Dpo
 from nextstep_jax.train.grpo import Grpo
+from nextstep_jax.train.lora import Lora
 from nextstep_jax.train.objective import Objective
 from nextstep_jax.train.step import FlowMatching
 
@@ -12,6 +13,7 @@ OBJECTIVES: dict[str, Objective] = {
     "fm": FlowMatching(),  # pre-training, SFT, editing (train/step.py)
     "dpo": Dpo(),  # flow-matching DPO on preference pairs (train/dpo.py)
     "grpo": Grpo(),  # NextStep-GRPO: on-policy RL with a flow SDE and parallel log-prob recompute (train/grpo.py)
+    "lora": Lora(),  # flow matching through LoRA/QLoRA adapters on a frozen base (train/lora.py)
 }
 
 

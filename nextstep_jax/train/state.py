@@ -27,9 +27,11 @@ class TrainState:
   skipped: jax.Array  # updates skipped by the NaN/Inf guard
 
 
-def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh) -> tuple[TrainState, TrainState]:
-  """(abstract TrainState of ShapeDtypeStructs carrying shardings, TrainState of shardings)."""
-  _, init = init_fn(cfg)
+def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh,
+                    init: Any = None) -> tuple[TrainState, TrainState]:
+  """(abstract TrainState of ShapeDtypeStructs carrying shardings, TrainState of shardings); `init(rng)` → the
+  boxed tree the state optimises (default: the model's params)."""
+  init = init or init_fn(cfg)[1]
   boxed = jax.eval_shape(init, jax.random.key(0))
   abstract_params, names = nn.unbox(boxed), sharding.logical_names(boxed)
   p_sh = sharding.tree_shardings(names, abstract_params, mesh)
@@ -43,10 +45,11 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh) ->
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, rng: jax.Array,
-               params: Any = None) -> TrainState:
-  """Fresh state born sharded; given `params` (e.g. a previous stage's) replace the initialised ones where present."""
-  _, init = init_fn(cfg)
-  _, shardings = state_shardings(cfg, tx, mesh)
+               params: Any = None, init: Any = None) -> TrainState:
+  """Fresh state born sharded; given `params` (e.g. a previous stage's) replace the initialised ones where present.
+  `init`: as in `state_shardings`."""
+  init = init or init_fn(cfg)[1]
+  _, shardings = state_shardings(cfg, tx, mesh, init)
 
   def make(rng, given):
     p = nn.unbox(init(rng))

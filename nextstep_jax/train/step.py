@@ -22,33 +22,40 @@ from nextstep_jax.train.state import TrainState
 from nextstep_jax.train.update import accumulate, guarded_update
 
 
-def make_loss_fn(cfg: ModelConfig):
+def make_loss_fn(cfg: ModelConfig, apply=None):
+  """loss_fn(params, batch, noise, u, counts, *input_noise) → (loss, terms); `apply(model, params, *args, **kw)`
+  replaces `model.apply` (LoRA applies base + adapters, `train/lora.py`)."""
   model = NextStep(cfg)
+  apply = apply or (lambda m, p, *a, **kw: m.apply(p, *a, **kw))
 
   def loss_fn(params, batch, noise, u, counts, *input_noise):
     extra = (input_noise[0][0],) if input_noise else ()  # (1, B, T, K) → (B, T, K)
-    terms = model.apply(params, batch, noise, u, *extra, method=NextStep.loss_terms)
+    terms = apply(model, params, batch, noise, u, *extra, method=NextStep.loss_terms)
     return combine_losses(cfg, terms, counts)["loss"], terms
   return loss_fn
 
 
 def loss_and_grads(cfg: ModelConfig, params: Any, batch: dict[str, jax.Array], key: jax.Array,
-                   microbatches: int = 1) -> tuple[jax.Array, dict[str, jax.Array], Any]:
-  """(total loss, summed terms, fp32 grads) of a global batch, accumulated over `microbatches`."""
+                   microbatches: int = 1, apply=None) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+  """(total loss, summed terms, fp32 grads of `params`) of a global batch, accumulated over `microbatches`
+  (`apply`: `make_loss_fn`)."""
   counts = loss_counts(cfg, batch)
   b, slots = batch["image_tokens"].shape[:2]
   draws = draw_fm_noise(cfg, key, b, slots) + draw_input_noise(cfg, key, b, slots)
-  loss_grad = jax.value_and_grad(make_loss_fn(cfg), has_aux=True)
+  loss_grad = jax.value_and_grad(make_loss_fn(cfg, apply), has_aux=True)
   grad_fn = lambda p, mb, n, uu, *extra: loss_grad(p, mb, n, uu, counts, *extra)
   (loss, terms), grads = accumulate(grad_fn, params, batch, draws, extras_axis=1, microbatches=microbatches)
   return loss, terms, grads
 
 
 def train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int,
-               state: TrainState, batch: dict[str, jax.Array], key: jax.Array) -> tuple[TrainState, dict]:
-  """One optimizer step. Updates are skipped (and counted) when the loss or gradient norm is not finite."""
+               state: TrainState, batch: dict[str, jax.Array], key: jax.Array,
+               make_apply=None) -> tuple[TrainState, dict]:
+  """One optimizer step. Updates are skipped (and counted) when the loss or gradient norm is not finite.
+  `make_apply(step_key)` → the `apply` of `make_loss_fn` (LoRA: base + adapters, dropout keyed by the step)."""
   step_key = jax.random.fold_in(key, state.step)
-  loss, terms, grads = loss_and_grads(cfg, state.params, batch, step_key, microbatches)
+  apply = None if make_apply is None else make_apply(step_key)
+  loss, terms, grads = loss_and_grads(cfg, state.params, batch, step_key, microbatches, apply=apply)
   new_state, ok, grad_norm = guarded_update(tx, state, loss, grads)
   means = combine_losses(cfg, terms, terms)
   metrics = {"loss": loss, "text_loss": means["text_loss"], "image_loss": means["image_loss"], "grad_norm": grad_norm,

@@ -25,6 +25,9 @@ def test_dpo_learns_the_demo_preferences_without_degrading_score_or_diversity(re
   r = json.loads((tmp_path / "dpo" / "dpo_demo.json").read_text())
   before, after = r["before"], r["after"]
   assert r["pairs"]["pairs"] >= 100 and r["dpo_last"]["reward_accuracy"] > 0.6  # DPO learned the preferences
+  # ... and they generalise: reward accuracy on pairs from prompt draws it never trained on, policy vs the demo
+  # reference (measured 0.633 ± 0.045 on 114 held-out pairs, training pairs 0.97; chance is 0.5)
+  assert r["heldout"]["pairs"] >= 60 and r["heldout"]["reward_accuracy"] > 0.5, r["heldout"]
   # no harm beyond noise (256 evaluations: the standard error of the attribute score is ≈ 0.02)
   assert after["attribute_score"] >= before["attribute_score"] - 0.05, (before, after)
   assert after["pixel_distance"] >= 0.5 * before["pixel_distance"], (before, after)

@@ -1,13 +1,12 @@
 """The DPO step sharded == single device on the four test meshes (JAX_NOTES §2): loss, first-step gradients and
 params after 3 steps, random (nothing-zero) policy and a different bf16 reference on the policy's shardings."""
 import jax
-import numpy as np
 import pytest
 
 from nextstep_jax.train import dpo
 from nextstep_jax.train.synthetic import synthetic_pair_batch
 from sharding_harness import TEST_MESHES, max_relative_error
-from train_utils import TINY, random_params, train_on_mesh
+from train_utils import TINY, perturbed, random_params, train_on_mesh
 
 DCFG = dpo.DpoConfig(beta=50.0, sft_weight=0.1, ref_dtype="bfloat16")
 PAIRS, L, T = 8, 40, 16
@@ -34,8 +33,7 @@ def run_dpo(mesh_shape, params, ref_params, steps=3):
 @pytest.fixture(scope="module")
 def single():
   params = random_params(TINY)
-  rng = np.random.default_rng(3)
-  ref = jax.tree.map(lambda x: x * (1 + 0.05 * rng.standard_normal(x.shape).astype(np.float32)), params)
+  ref = perturbed(params, 3)
   return params, ref, run_dpo((1, 1, 1), params, ref)
 
 

@@ -2,13 +2,12 @@
 four test meshes (JAX_NOTES §2): loss, first-step gradients and params after one step on a recorded rollout.
 Marked slow: each mesh compiles the update step and the gradient program (~2 min on 2 cores)."""
 import jax
-import numpy as np
 import pytest
 
 from nextstep_jax.train import dpo, grpo
 from sharding_harness import TEST_MESHES, max_relative_error
 from test_grpo import gcfg, rollout
-from train_utils import TINY, random_params, train_on_mesh
+from train_utils import TINY, perturbed, random_params, train_on_mesh
 
 # flow_sde: all 4 steps stochastic → the head runs on 8·4·4 = 128 rows. FlowHead itself (models/fm_head.py, not
 # GRPO code) disagrees with single device by ~0.4 on the (2, 2, 2) mesh for 48, 64 or 96 rows (32 and 128 exact;
@@ -28,8 +27,7 @@ def run_grpo(mesh_shape, params, ref_params, batches):
 @pytest.fixture(scope="module")
 def single():
   params = random_params(TINY)
-  rng = np.random.default_rng(3)
-  ref = jax.tree.map(lambda x: x * (1 + 0.05 * rng.standard_normal(x.shape).astype(np.float32)), params)
+  ref = perturbed(params, 3)
   batches = [rollout(TINY, params, G, seed=i, n_prompts=4)[0] for i in range(1)]  # 8 rows: one per device
   return params, ref, batches, run_grpo((1, 1, 1), params, ref, batches)
 

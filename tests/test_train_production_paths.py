@@ -16,7 +16,7 @@ from nextstep_jax.train.state import init_state, state_shardings
 from nextstep_jax.train.step import jit_train_step
 from nextstep_jax.train.synthetic import synthetic_batch
 from sharding_harness import TEST_MESHES, max_relative_error
-from train_utils import TINY, random_params, train_cfg
+from train_utils import TINY, perturbed, random_params, train_cfg
 
 CFG = dataclasses.replace(TINY, use_gen_pos_embed=True)
 B, L, T = 16, 40, 16
@@ -103,8 +103,7 @@ def test_sharded_accumulated_train_step_equals_single_device(train_reference, me
 @pytest.fixture(scope="module")
 def dpo_reference():
   params = random_params(CFG)
-  rng = np.random.default_rng(3)
-  ref = jax.tree.map(lambda x: x * (1 + 0.05 * rng.standard_normal(x.shape).astype(np.float32)), params)
+  ref = perturbed(params, 3)
   batches = [_pair_batch(i) for i in range(2)]
   return params, ref, batches, _run((1, 1, 1), 1, params, _dpo_step, batches, ref)
 

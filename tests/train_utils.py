@@ -39,6 +39,12 @@ def random_params(cfg: ModelConfig, seed: int = 0):
   return traverse_util.unflatten_dict(out)
 
 
+def perturbed(params, seed: int):
+  """Every leaf scaled by 1 + 5 % noise: a frozen reference near, not equal to, the policy."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: x * (1 + 0.05 * rng.standard_normal(x.shape).astype(np.float32)), params)
+
+
 def train_on_mesh(mesh_shape, batches, jit_step, grads_fn, params=None, tcfg=None, bound=None, init=None):
   """The trainer tests' skeleton: optimizer → state born sharded on the mesh → batch shardings → jit → loop.
 

@@ -20,6 +20,7 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 from xdist_crash_safe import pytest_xdist_make_scheduler  # noqa: E402,F401  (a crashed worker must not hang CI)
 
 _CACHE = os.environ.get("NEXTSTEP_JAX_TEST_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
@@ -74,13 +75,21 @@ def run_cli(args: list[str], timeout: int) -> str:
 
 
 @pytest.fixture(scope="session")
-def reduced_demo(tmp_path_factory):
+def reduced_demo(tmp_path_factory, worker_id):
   """(workdir, stdout) of one finished reduced demo (`configs/demo/stage1.py:ci`), trained once per session and
-  shared by the demo and DPO-demo tests (both are in xdist group "demo", so one worker runs them). An existing
-  finished workdir can be supplied with NEXTSTEP_DEMO_WORKDIR."""
+  shared by the demo and DPO-demo tests. Under xdist the workers share it through the session's base directory
+  and a file lock (the "demo" group does not keep the two tests on one worker): the first trains it, the other
+  waits and then reruns the finished demo, which skips every phase. An existing finished workdir can be supplied
+  with NEXTSTEP_DEMO_WORKDIR."""
   given = os.environ.get("NEXTSTEP_DEMO_WORKDIR")
   if given:
     return given, ""
-  workdir = tmp_path_factory.mktemp("reduced_demo")
-  return str(workdir), run_cli(["nextstep_jax.cli", "demo", "--workdir", str(workdir), "--config", DEMO_CI_CONFIG],
-                               timeout=2400)
+  if worker_id == "master":
+    workdir = tmp_path_factory.mktemp("reduced_demo")
+    return str(workdir), run_cli(["nextstep_jax.cli", "demo", "--workdir", str(workdir), "--config",
+                                  DEMO_CI_CONFIG], timeout=2400)
+  shared = tmp_path_factory.getbasetemp().parent  # this session's directory, above every worker's own
+  workdir = shared / "reduced_demo"
+  with FileLock(str(shared / "reduced_demo.lock")):
+    return str(workdir), run_cli(["nextstep_jax.cli", "demo", "--workdir", str(workdir), "--config",
+                                  DEMO_CI_CONFIG], timeout=2400)

@@ -60,14 +60,13 @@ def test_reduced_demo_beats_untrained_model_and_resumes(reduced_demo):
   trained, untrained = scores["trained"], scores["untrained"]
   print("trained", trained, "\nuntrained", untrained, "\nground truth", scores["ground_truth"])
   # The same pipeline (VAE, sampler, prompts) with zero training steps is the chance level. Readings of this
-  # reduced demo (128 prompts, every image its own noise; the run is seeded, so a rerun of one config repeats
-  # itself and the spread below is across configs/sessions, not reruns): fully correct 13.3 % (17/128), 14.8 %
-  # (19/128, current bf16 config), 19 % (stop-16 fp32 config) — mean 15.7 %, spread ±2.4 %; colour 80 % and
-  # count 83 % vs untrained 0 % / 44 % / 11 % (docs/DEMO.md "Reduced demo"; `issues stops`). Not re-measured
-  # three times here: each run is 4–5 min of both cores and the shared CPU stood at load ≈ 20. The binomial
-  # standard error at 15 % of 128 is 3.2 %. Bars: fully correct ≥ +9/128 (7 %, 2.7 SE under the mean — a model that
-  # lost half its skill fails); colour ≥ +0.2 and count ≥ +0.4 (about half the measured margins +0.36 / +0.72,
-  # > 4 SE under them), so a regression in either attribute fails while rerun noise cannot.
+  # reduced demo (128 prompts, every image its own noise; a run is seeded, so the spread below is across configs
+  # and sessions, not reruns): fully correct 13.3 % (17/128), 14.8 % (19/128), 19 % (stop-16 fp32 config),
+  # 21.9 % (28/128, stop 19) — mean 17.3 %, spread ±3.8 %; colour 80 % and count 83 % vs untrained 0 % / 44 % /
+  # 11 % (docs/DEMO.md "Reduced demo"). The binomial standard error at 17 % of 128 is 3.3 %. Bars: fully correct
+  # ≥ +9/128 (7 %, 3 SE under the mean — a model that lost half its skill fails); colour ≥ +0.2 and count ≥ +0.4
+  # (about half the measured margins +0.36 / +0.72, > 4 SE under them), so a regression in either attribute fails
+  # while rerun noise cannot.
   assert trained["fully_correct"] >= untrained["fully_correct"] + 9 / 128, (trained, untrained)
   assert trained["color"] >= untrained["color"] + 0.2, (trained, untrained)
   assert trained["count"] >= untrained["count"] + 0.4, (trained, untrained)

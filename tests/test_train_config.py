@@ -24,7 +24,7 @@ CASES = [  # (config file, override, what the one line must say)
     (TINY1, "--config.train.warmup_steps=100", "config.train.warmup_steps=100 exceeds steps=6"),
     (TINY1, "--config.train.microbatches=3", "config.train.microbatches=3 does not divide"),
     (TINY1, "--config.train.b2=1.5", "config.train.b2=1.5 must be in [0, 1)"),
-    (TINY1, "--config.train.objective=grpo", "config.train.objective='grpo' is not one of ['dpo', 'fm', 'lora']"),
+    (TINY1, "--config.train.objective=ppo", "config.train.objective='ppo' is not one of ['dpo', 'fm', 'grpo', 'lora']"),
     (TINY_DPO, "--config.dpo.beta=0", "config.dpo.beta=0.0 must be > 0"),
     (TINY_DPO, "--config.dpo.beta=-5", "config.dpo.beta=-5.0 must be > 0"),
     (TINY_DPO, "--config.dpo.ref_dtype=int8", "config.dpo.ref_dtype='int8' is not one of"),

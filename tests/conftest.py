@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices, CPU only, and the persistent compilation cache (shared across xdist workers)."""
+import contextlib
 import os
 
 
@@ -85,11 +86,10 @@ def reduced_demo(tmp_path_factory, worker_id):
   if given:
     return given, ""
   if worker_id == "master":
-    workdir = tmp_path_factory.mktemp("reduced_demo")
-    return str(workdir), run_cli(["nextstep_jax.cli", "demo", "--workdir", str(workdir), "--config",
-                                  DEMO_CI_CONFIG], timeout=2400)
-  shared = tmp_path_factory.getbasetemp().parent  # this session's directory, above every worker's own
-  workdir = shared / "reduced_demo"
-  with FileLock(str(shared / "reduced_demo.lock")):
+    workdir, lock = tmp_path_factory.mktemp("reduced_demo"), contextlib.nullcontext()
+  else:
+    shared = tmp_path_factory.getbasetemp().parent  # this session's directory, above every worker's own
+    workdir, lock = shared / "reduced_demo", FileLock(str(shared / "reduced_demo.lock"))
+  with lock:
     return str(workdir), run_cli(["nextstep_jax.cli", "demo", "--workdir", str(workdir), "--config",
                                   DEMO_CI_CONFIG], timeout=2400)

@@ -9,9 +9,7 @@ from sharding_harness import TEST_MESHES, max_relative_error
 from test_grpo import gcfg, rollout
 from train_utils import TINY, perturbed, random_params, train_on_mesh
 
-# flow_sde: all 4 steps stochastic → the head runs on 8·4·4 = 128 rows. FlowHead itself (models/fm_head.py, not
-# GRPO code) disagrees with single device by ~0.4 on the (2, 2, 2) mesh for 48, 64 or 96 rows (32 and 128 exact;
-# docs/GRPO.md), so a 3-step subset (96 rows) would test that bug instead of this step.
+# flow_sde: all 4 steps stochastic → the head runs on 8·4·4 = 128 rows.
 G = gcfg(sampler="flow_sde", kl_weight=0.2, clip_range=0.05, train_steps=0, ref_dtype="float32")
 
 

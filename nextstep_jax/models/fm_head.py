@@ -72,6 +72,14 @@ def modulate(x, shift, scale):
   return x * (1 + scale) + shift
 
 
+def split_modulation(mod_NxkW: jax.Array, k: int) -> list[jax.Array]:
+  """The k chunks [shift ‖ scale (‖ gate)] of an adaLN output, after gathering its feature axis.
+
+  XLA's SPMD partitioner miscomputes chunks sliced from a `tensor`-sharded axis when they feed a row-parallel
+  kernel and multiply each other (O(1) wrong on the (2,2,2) mesh; negative control in tests/test_sharding.py)."""
+  return jnp.split(sharding.constrain(mod_NxkW, ("act_batch", None)), k, -1)
+
+
 class ResBlock(nn.Module):
   """AdaLN residual MLP block (mlp_ratio 1); scanned, so `__call__` returns (x, None).
 
@@ -91,7 +99,7 @@ class ResBlock(nn.Module):
     return self.adaLN_modulation(nn.silu(y))
 
   def step(self, x_NxW, mod_Nx3W):
-    shift, scale, gate = jnp.split(mod_Nx3W, 3, -1)
+    shift, scale, gate = split_modulation(mod_Nx3W, 3)
     h = self.mlp_0(modulate(self.in_ln(x_NxW), shift, scale))
     return x_NxW + gate * self.mlp_2(nn.silu(h))
 
@@ -112,7 +120,7 @@ class FinalLayer(nn.Module):
     return self.adaLN_modulation(nn.silu(y))
 
   def step(self, x_NxW, mod_Nx2W):
-    shift, scale = jnp.split(mod_Nx2W, 2, -1)
+    shift, scale = split_modulation(mod_Nx2W, 2)
     return self.linear(modulate(parameter_free_layer_norm(x_NxW, 1e-6), shift, scale))
 
   def __call__(self, x_NxW, y_NxW):

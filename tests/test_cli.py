@@ -27,6 +27,15 @@ def test_sample_text_to_image_writes_pngs(model_dir, tmp_path, capsys):
     assert img.shape == (16, 32, 3)
 
 
+def test_sample_with_a_log_prob_sampler(model_dir, tmp_path):
+  """GRPO's rollout samplers are reachable from the CLI (same program, different per-step transition)."""
+  for method in ("cps", "flow_sde"):
+    out = tmp_path / f"{method}.png"
+    assert main(["sample", "--checkpoint", str(model_dir), "--prompt", "a red cube", "--size", "16x16", "--steps", "3",
+                 "--sampler", method, "--noise-level", "0.5", "--out", str(out)]) == 0
+    assert np.asarray(Image.open(out)).shape == (16, 16, 3)
+
+
 def test_sample_editing(model_dir, fixtures_dir, tmp_path):
   src = np.load(os.path.join(fixtures_dir, "sample_edit.npz"))["source_image_uint8"]
   Image.fromarray(src).save(tmp_path / "src.png")
@@ -40,6 +49,7 @@ def test_sample_editing(model_dir, fixtures_dir, tmp_path):
     (["--size", "big"], "must look like 512x512"),
     (["--cfg", "0.5"], "argument --cfg: 0.5 must be ≥ 1"),
     (["--prompt", "<image> make it blue"], "no --image was given"),
+    (["--sampler", "cps", "--noise-level", "1.5"], "noise_level=1.5 must be in (0, 1]"),
 ])
 def test_sample_bad_input(model_dir, tmp_path, capsys, args, message):
   base = ["sample", "--checkpoint", str(model_dir), "--prompt", "x", "--steps", "2", "--size", "16x16",

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from nextstep_jax.commands.arg_types import COUNT, GUIDANCE, NON_NEGATIVE_INT, POSITIVE, image_size
+from nextstep_jax.sampling.methods import METHODS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--cfg-schedule", default="constant", choices=("constant", "linear", "linear_rise"))
   p.add_argument("--steps", type=COUNT, default=50)
   p.add_argument("--shift", type=POSITIVE, default=None, help="timestep shift (default 1.0; 3.2 for editing)")
-  p.add_argument("--sampler", default="sde_a", choices=("sde_a", "sde_b", "euler", "heun", "dpm_2m"),
-                 help="sde_a = the official release sampler; dpm_2m = DPM-Solver++(2M) on its log-SNR grid")
+  p.add_argument("--sampler", default="sde_a", choices=METHODS,
+                 help="sde_a = the official release sampler; dpm_2m = DPM-Solver++(2M) on its log-SNR grid; "
+                      "flow_sde / cps = the log-prob SDEs of GRPO rollouts (see --noise-level)")
+  p.add_argument("--noise-level", type=float, default=0.7,
+                 help="flow_sde / cps only: the SDE noise level a (cps: 0 < a <= 1)")
   p.add_argument("--step-schedule", default=None, help="per-token flow steps over equal token segments, e.g. "
                  "50,25,10 (each ≤ --steps)")
   p.add_argument("--guidance-times", default=None, help="LO,HI: CFG only at flow times in [LO, HI] (e.g. 0,0.6)")
@@ -73,7 +77,8 @@ def run(args) -> int:
                  steps=args.steps, shift=args.shift, method=args.sampler, use_norm=not args.no_norm,
                  positive_prompt=T2I_POSITIVE if args.positive_prompt is None else args.positive_prompt,
                  negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images, seed=args.seed,
-                 progress=args.progress, step_schedule=schedule, **windows).validate()
+                 progress=args.progress, step_schedule=schedule, noise_level=args.noise_level,
+                 **windows).validate()
   sampler = Sampler.from_checkpoint(args.checkpoint, mesh=mesh, compute_dtype=args.dtype, quantize=args.quantize)
   if args.image is None and any("<image>" in p for p in args.prompt):
     raise ValueError("the prompt contains <image> (editing) but no --image was given; pass --image in.png")

@@ -38,8 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-METHODS = ("sde_a", "sde_b", "euler", "heun", "dpm_2m", "flow_sde", "cps")
-LOGPROB_METHODS = ("flow_sde", "cps")  # samplers that record Gaussian transitions (log-probs)
+from nextstep_jax.sampling.methods import LOGPROB_METHODS, METHODS  # noqa: F401  (re-exported)
 Velocity = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 NoiseFn = Callable[[jax.Array], jax.Array]  # SDE step index j (0-based) → ε (B, K)
 

@@ -229,7 +229,7 @@ def _lower_train(config, cfg: ModelConfig, mesh, sample: SampleSettings):
     lowered = objective.abstract_step(ctx, abstract_state).lower(abstract_state, batch, key)
   except Exception as e:
     raise AotError(f"tracing the {run.objective} train step failed: {one_line(e)}") from None
-  fl = objective.step_flops(cfg, b, length, b * slots)
+  fl = objective.step_flops(cfg, b, length, b * slots, section)
   shape = dict(objective=run.objective, global_batch=b, seq_len=length, image_slots=slots, microbatches=mb,
                rows_per_chip_per_microbatch=round(b / mb / shards, 3), remat=cfg.remat_policy, dtype=cfg.dtype,
                param_dtype=cfg.param_dtype, attention=cfg.attention_impl)

@@ -157,3 +157,13 @@ def test_loss_gradient_matches_finite_differences(params):
 def test_config_refusals_name_the_field(field, value, words):
   with pytest.raises(ConfigError, match=words):
     grpo.GrpoConfig.from_config({field: value})
+
+
+def test_step_flops_follow_the_section():
+  """The loop's MFU counts the steps trained, the CFG branches and the reference the section sets."""
+  obj = grpo.Grpo()
+  base = obj.step_flops(TINY, 8, 10, 8 * 4, gcfg())  # cps, 4 steps: 3 stochastic ones trained
+  h1, h2 = (obj.step_flops(TINY, 8, 10, 8 * 4, gcfg(train_steps=k)).head for k in (1, 2))
+  assert base.head - h2 == pytest.approx(h2 - h1) and h2 - h1 > 0  # linear in the steps trained
+  assert obj.step_flops(TINY, 8, 10, 8 * 4, gcfg(cfg=3.0)).total == pytest.approx(2 * base.total)
+  assert obj.step_flops(TINY, 8, 10, 8 * 4, gcfg(kl_weight=0.1)).total == pytest.approx(base.total * 4 / 3)

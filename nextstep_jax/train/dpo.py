@@ -240,5 +240,5 @@ class Dpo(Objective):
                                                       sharding=a.sharding), abstract_state.params)
     return StepProgram(self._program(ctx), ref)
 
-  def step_flops(self, cfg, rows, seq_len, image_tokens):
+  def step_flops(self, cfg, rows, seq_len, image_tokens, section=None):
     return step_flops(cfg, rows, seq_len, image_tokens)

@@ -480,8 +480,8 @@ class Grpo(Objective):
                                                           sharding=a.sharding), abstract_state.params)
     return GrpoProgram(None, bound, ctx=ctx)  # the update step only: no reward, prompts or VAE
 
-  def step_flops(self, cfg, rows, seq_len, image_tokens):
-    """`seq_len`: the prompt length; `image_tokens`: R·n (the metric / config.data.max_image_tokens·R). The
-    section is not passed here: counted without CFG, over 10 flow steps (the default)."""
+  def step_flops(self, cfg, rows, seq_len, image_tokens, section=None):
+    """The update step of `rows` rollouts as the section sets it (steps trained, CFG branches, reference)."""
     n = max(image_tokens // max(rows, 1), 1)
-    return step_flops(cfg, GrpoConfig(prompt_len=seq_len, grid_h=1, grid_w=n), rows, with_reference=False)
+    gcfg = section if section is not None else GrpoConfig(prompt_len=seq_len, grid_h=1, grid_w=n)
+    return step_flops(cfg, gcfg, rows, with_reference=gcfg.kl_weight > 0)

@@ -135,7 +135,7 @@ def train(config, workdir: str, max_steps: int | None = None) -> TrainResult:
         tokens = int(np.asarray(local["attention_mask"]).sum()) * jax.process_count()
         metrics = {k: float(np.asarray(v)) for k, v in m.items()}
         metrics.update(step_time_s=dt, tokens_per_s=tokens / dt)
-        fl = objective.step_flops(cfg, *global_shapes["input_ids"], int(metrics["image_token_count"]))
+        fl = objective.step_flops(cfg, *global_shapes["input_ids"], int(metrics["image_token_count"]), section)
         if peak:
           metrics.update(mfu=fl.total / dt / (peak * jax.device_count()),
                          mfu_backbone=fl.backbone / dt / (peak * jax.device_count()))

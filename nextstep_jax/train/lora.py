@@ -243,7 +243,7 @@ class Lora(FlowMatching):
     if ctx.section.export_adapters:
       save_adapters(Path(workdir) / "export_adapters", params, ctx, step)
 
-  def step_flops(self, cfg, rows, seq_len, image_tokens):
+  def step_flops(self, cfg, rows, seq_len, image_tokens, section=None):
     # the base's weight gradients are not computed: ≈ 2/3 of full fine-tuning's FLOPs (adapters negligible)
     fl = flops_lib.train_step_flops(cfg, rows, seq_len, image_tokens)
     return flops_lib.StepFlops(backbone=fl.backbone * 2 / 3, head=fl.head * 2 / 3)

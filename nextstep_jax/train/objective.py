@@ -116,5 +116,7 @@ class Objective:
     """The same step with abstract bound inputs (ShapeDtypeStructs carrying shardings), for AOT lowering."""
     raise NotImplementedError
 
-  def step_flops(self, cfg: ModelConfig, rows: int, seq_len: int, image_tokens: int) -> StepFlops:
+  def step_flops(self, cfg: ModelConfig, rows: int, seq_len: int, image_tokens: int, section=None) -> StepFlops:
+    """Analytic FLOPs of one step over `rows` × `seq_len` with `image_tokens` image tokens; `section` is the
+    objective's config view (`config_view`), for objectives whose cost depends on it."""
     raise NotImplementedError

@@ -89,5 +89,5 @@ class FlowMatching(Objective):
   def abstract_step(self, ctx, abstract_state):
     return StepProgram(self._program(ctx))
 
-  def step_flops(self, cfg, rows, seq_len, image_tokens):
+  def step_flops(self, cfg, rows, seq_len, image_tokens, section=None):
     return train_step_flops(cfg, rows, seq_len, image_tokens)

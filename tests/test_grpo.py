@@ -1,4 +1,4 @@
-"""NextStep-GRPO (train/grpo.py): the log-prob samplers' recorded transitions against the parallel teacher-forced
+"""NextStep-GRPO (train/grpo*.py): the log-prob samplers' recorded transitions against the parallel teacher-forced
 recompute (fp32 with and without CFG; bf16 drift measured), group advantages and online rejection, ratio 1 / KL 0
 at policy = reference, the loss gradient against finite differences, and the config view's refusals."""
 import dataclasses
@@ -13,21 +13,21 @@ from nextstep_jax.config import ConfigError, ModelConfig
 from nextstep_jax.models.layers import parameter_free_layer_norm
 from nextstep_jax.models.nextstep import NextStep
 from nextstep_jax.sampling.generate import Spec, compiled_program
-from nextstep_jax.train import grpo
+from nextstep_jax.train import grpo, grpo_config, grpo_recompute, grpo_rollout
 from train_utils import TINY, random_params
 
 GRID = (2, 2)
 PROMPTS = ["p0", "p1", "p2"]
 
 
-def gcfg(**kw) -> grpo.GrpoConfig:
-  return dataclasses.replace(grpo.GrpoConfig(group_size=2, flow_steps=4, grid_h=GRID[0], grid_w=GRID[1],
-                                             prompt_len=10), **kw).validate()
+def gcfg(**kw) -> grpo_config.GrpoConfig:
+  return dataclasses.replace(grpo_config.GrpoConfig(group_size=2, flow_steps=4, grid_h=GRID[0], grid_w=GRID[1],
+                                                    prompt_len=10), **kw).validate()
 
 
-def rollout(cfg: ModelConfig, params, g: grpo.GrpoConfig, seed=0, n_prompts=2):
+def rollout(cfg: ModelConfig, params, g: grpo_config.GrpoConfig, seed=0, n_prompts=2):
   """Samples a rollout batch with the sampler program (independent noise per row); returns (batch, raw out)."""
-  b = grpo.prompt_batch(g, cfg, None, n_prompts, 0, PROMPTS)
+  b = grpo_rollout.prompt_batch(g, cfg, None, n_prompts, 0, PROMPTS)
   r = b["input_ids"].shape[0]
   spec = Spec(num_images=r, branches=g.branches, prompt_len=g.prompt_len, grid_h=g.grid_h, grid_w=g.grid_w,
               flow=g.flow_config(), noise_repeat=r, use_norm=g.use_norm, decode=False)
@@ -55,7 +55,8 @@ def cached_rollout(cfg, params, g, n_prompts=2):
 
 def recompute(cfg, params, g, batch):
   idx = jnp.arange(g.flow_steps)
-  return jax.device_get(jax.jit(lambda p, b: grpo.transition_logprobs(NextStep(cfg), p, g, b, idx))(params, batch))
+  fn = lambda p, b: grpo_recompute.transition_logprobs(NextStep(cfg), p, g, b, idx)
+  return jax.device_get(jax.jit(fn)(params, batch))
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,7 @@ def test_loss_gradient_matches_finite_differences(params):
     ("train_steps", 99, "train_steps"), ("cfg", 0.5, ">= 1"), ("ref_dtype", "fp8", "not one of")])
 def test_config_refusals_name_the_field(field, value, words):
   with pytest.raises(ConfigError, match=words):
-    grpo.GrpoConfig.from_config({field: value})
+    grpo_config.GrpoConfig.from_config({field: value})
 
 
 def test_step_flops_follow_the_section():

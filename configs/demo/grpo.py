@@ -12,7 +12,7 @@ or by hand, after `nextstep-jax demo --workdir DEMO`:
 import os
 
 from nextstep_jax.config import load_config
-from nextstep_jax.train.grpo import grpo_section
+from nextstep_jax.train.grpo_config import grpo_section
 from nextstep_jax.train.recipe import as_grpo
 
 _SIZES = {"full": dict(steps=60, prompts_per_step=16, eval_prompts=1000),

@@ -10,7 +10,7 @@ The reward runs as its own service (PickScore + OCR; request/response format in 
   nextstep-jax train --config configs/nextstep1_14b/grpo.py --workdir gs://BUCKET/nextstep1/grpo --multihost \
       --config.grpo.reward=http://REWARD_HOST:8100/score --config.grpo.prompts=gs-fuse/prompts.txt
 """
-from nextstep_jax.train.grpo import grpo_section
+from nextstep_jax.train.grpo_config import grpo_section
 from nextstep_jax.train.recipe import ROOT, as_grpo, data_14b, experiment_14b
 
 

@@ -1,6 +1,6 @@
 """CPU-sized counterpart of stage `grpo`: tiny model, synthetic prompt rows, latent-preview images, a reward
 callable over them (tests). 4 prompts × G = 2 rollouts of a 2×2-token image, 4 CPS flow steps."""
-from nextstep_jax.train.grpo import grpo_section
+from nextstep_jax.train.grpo_config import grpo_section
 from nextstep_jax.train.recipe import as_grpo, experiment_tiny
 
 

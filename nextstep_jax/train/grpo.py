@@ -1,17 +1,18 @@
 """NextStep-GRPO: on-policy RL of the whole model (backbone + flow head) with Flow-GRPO-style policy gradients.
 
 One optimizer step = rollout → reward → update:
-  1. rollout (`sampling/generate.py` with a log-prob sampler, `flow.LOGPROB_METHODS`): G samples per prompt, CFG
-     off by default; per image token and flow step the Gaussian transition's next state and log-density are kept.
+  1. rollout (`grpo_rollout.py`: `sampling/generate.py` with a log-prob sampler, `flow.LOGPROB_METHODS`): G samples
+     per prompt, CFG off by default; per image token and flow step the Gaussian transition's next state and
+     log-density are kept.
   2. reward: `config.grpo.reward` (`train/rewards.py`) on (prompts, uint8 images) — host side.
-  3. update (one jitted program): `transition_logprobs` recomputes every transition's log-density in one teacher-
-     forced backbone forward over prompt + image tokens (the sampler's masks and raw positions) and one head pass
-     over every (token, flow step); group-normalised advantages A_i = (r_i − mean_g)/(std_g + 1e-4) clipped to
-     ±adv_clip; groups with reward std < min_group_std or mean > max_group_mean are rejected (weight 0); per
+  3. update (one jitted program): `grpo_recompute.transition_logprobs` recomputes every transition's log-density in
+     one teacher-forced backbone forward over prompt + image tokens (the sampler's masks and raw positions) and one
+     head pass over every (token, flow step); group-normalised advantages A_i = (r_i − mean_g)/(std_g + 1e-4) clipped
+     to ±adv_clip; groups with reward std < min_group_std or mean > max_group_mean are rejected (weight 0); per
      transition the PPO loss max(−A·ρ, −A·clip(ρ, 1 ± clip_range)), ρ = exp(Δlog p / K) (per-dimension log-ratio,
-     Flow-GRPO's mean over latent dims, when logprob_per_dim), plus kl_weight · KL(π_θ ‖ π_ref) of the two
-     Gaussians (same σ: ‖μ_θ − μ_ref‖² / 2σ², / K likewise), averaged over the accepted stochastic transitions of
-     `train_steps` flow steps drawn per update (0 = all).
+     Flow-GRPO's mean over latent dims, when logprob_per_dim), plus kl_weight · KL(π_θ ‖ π_ref) of the two Gaussians
+     (same σ: ‖μ_θ − μ_ref‖² / 2σ², / K likewise), averaged over the accepted stochastic transitions of `train_steps`
+     flow steps drawn per update (0 = all).
 The frozen reference (kl_weight > 0) is DPO's machinery (`dpo.reference_params`: ref_from / ref_dtype). Rollout
 batch contract (R = prompts × G rows, group-major): input_ids / attention_mask (R, P) left-padded prompt rows
 (+ uncond_input_ids / uncond_attention_mask with CFG), states (R, n, S+1, K), logp (R, n, S), rewards (R,).
@@ -19,30 +20,26 @@ batch contract (R = prompts × G rows, group-major): input_ids / attention_mask 
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
 from nextstep_jax import params_io, sharding
-from nextstep_jax.config import ConfigError, DTYPES, ModelConfig, VAEConfig
+from nextstep_jax.config import ModelConfig, VAEConfig
 from nextstep_jax.data.pipeline import batch_shardings
-from nextstep_jax.data.shapes import caption_space
-from nextstep_jax.models.latents import unpatchify
-from nextstep_jax.models.layers import parameter_free_layer_norm, to_dtype
 from nextstep_jax.models.nextstep import NextStep, per_count
 from nextstep_jax.sampling import flow
-from nextstep_jax.sampling.generate import Spec, compiled_program
-from nextstep_jax.tokens import NextStepTokenizer, left_pad
+from nextstep_jax.tokens import NextStepTokenizer
 from nextstep_jax.train import flops as flops_lib
-from nextstep_jax.train.config import check, finite, section_dict, typed_view
+from nextstep_jax.train.config import check
 from nextstep_jax.train.dpo import reference_params
+from nextstep_jax.train.grpo_config import GrpoConfig
+from nextstep_jax.train.grpo_recompute import transition_logprobs
+from nextstep_jax.train.grpo_rollout import prompt_iterator, prompt_list, sample_rollout
 from nextstep_jax.train.objective import Objective, StepContext, StepProgram, jit_step
 from nextstep_jax.train.rewards import check_scores, load_reward
 from nextstep_jax.train.state import TrainState
@@ -50,134 +47,6 @@ from nextstep_jax.train.update import accumulate, guarded_update
 
 ROLLOUT_KEYS = ("input_ids", "attention_mask", "states", "logp", "rewards")
 UNCOND_KEYS = ("uncond_input_ids", "uncond_attention_mask")
-
-
-@dataclasses.dataclass(frozen=True)
-class GrpoConfig:
-  """`config.grpo`. Defaults follow Flow-GRPO where NextStep-1.1 publishes nothing (docs/GRPO.md)."""
-  group_size: int = 8  # G samples per prompt
-  prompts: str = "shapes"  # "shapes" (the shapes world's captions) or a text file, one prompt per line
-  prompt_seed: int = 0
-  reward: str = "shapes"  # train/rewards.py: "shapes" | http(s)://… | package.module:function
-  reward_timeout_s: float = 120.0
-  sampler: str = "cps"  # flow.LOGPROB_METHODS
-  noise_level: float = 0.7
-  flow_steps: int = 10
-  shift: float = 1.0
-  cfg: float = 1.0  # 1 = CFG off (NextStep-1.1 RL); > 1 adds negative-prompt rows to rollout and recompute
-  use_norm: bool = True
-  grid_h: int = 16  # image token grid (256 px with the f8 VAE and 2×2 patches)
-  grid_w: int = 16
-  prompt_len: int = 64  # prompt rows are left-padded to this length
-  train_steps: int = 0  # flow steps drawn per update (0 = every stochastic step)
-  clip_range: float = 1e-3
-  adv_clip: float = 5.0
-  logprob_per_dim: bool = True  # ratio and KL per latent dimension (log-density / K)
-  kl_weight: float = 0.0  # > 0: KL to the frozen reference (held in ref_dtype, policy shardings)
-  min_group_std: float = 1e-3  # reject groups whose rewards spread less (no learning signal)
-  max_group_mean: float = math.inf  # reject groups whose mean reward is above this (already solved)
-  ref_dtype: str = "bfloat16"
-  ref_from: str = ""  # "" = the stage's initial params
-
-  @classmethod
-  def from_config(cls, section: Any) -> "GrpoConfig":
-    return typed_view(cls, section, "config.grpo").validate()
-
-  def validate(self) -> "GrpoConfig":
-    p = "config.grpo"
-    finite(self, p, "noise_level", "shift", "cfg", "clip_range", "adv_clip", "kl_weight", "min_group_std",
-           "reward_timeout_s")
-    for name in ("group_size", "flow_steps", "grid_h", "grid_w", "prompt_len"):
-      check(getattr(self, name) > 0, f"{p}.{name}={getattr(self, name)} must be a positive integer")
-    check(self.group_size >= 2, f"{p}.group_size={self.group_size} must be >= 2 (advantages are group-relative)")
-    check(self.sampler in flow.LOGPROB_METHODS, f"{p}.sampler={self.sampler!r} is not one of {flow.LOGPROB_METHODS}")
-    try:
-      self.flow_config()
-    except ValueError as e:
-      raise ConfigError(f"{p}: {e}") from None
-    check(0 <= self.train_steps <= self.flow_steps, f"{p}.train_steps={self.train_steps} must be in [0, "
-          f"flow_steps={self.flow_steps}] (0 = all)")
-    check(self.cfg >= 1, f"{p}.cfg={self.cfg} must be >= 1 (1 disables guidance)")
-    check(self.clip_range > 0 and self.adv_clip > 0, f"{p}.clip_range / adv_clip must be > 0")
-    check(self.kl_weight >= 0 and self.min_group_std >= 0, f"{p}.kl_weight / min_group_std must be >= 0")
-    check(self.ref_dtype in DTYPES, f"{p}.ref_dtype={self.ref_dtype!r} is not one of {DTYPES}")
-    return self
-
-  def flow_config(self) -> flow.FlowConfig:
-    return flow.FlowConfig(self.sampler, self.flow_steps, self.shift, noise_level=self.noise_level).validate()
-
-  @property
-  def branches(self) -> int:
-    return 2 if self.cfg > 1 else 1
-
-  @property
-  def num_tokens(self) -> int:
-    return self.grid_h * self.grid_w
-
-  def stochastic_steps(self) -> np.ndarray:
-    """Indices of the flow steps that carry a log-prob (σ > 0)."""
-    return np.flatnonzero(flow.logprob_steps(self.flow_config()))
-
-
-def grpo_section(**overrides) -> ml_collections.ConfigDict:
-  """`config.grpo` with every field at its default, `overrides` applied."""
-  return section_dict(GrpoConfig, overrides, "config.grpo")
-
-
-# ----------------------------------------------------------------------------------------------- recompute
-
-
-def teacher_forced_conditions(module: NextStep, ids_RxP: jax.Array, mask_RxP: jax.Array, tokens_RxNxK: jax.Array,
-                              grid_w: int) -> jax.Array:
-  """Head conditions (R, n, D) of every image token in one backbone forward over prompt + tokens 0..n−2: the
-  sampler's sequence (key-valid = prompt mask ‖ ones, raw positions 0..P+n−2, token k conditioned by the hidden
-  at P−1+k). Apply with `model.apply(params, …, method=teacher_forced_conditions)`."""
-  r, p = ids_RxP.shape
-  n = tokens_RxNxK.shape[1]
-  dtype = to_dtype(module.cfg.dtype)
-  emb = jnp.concatenate([module.embed_inputs(ids_RxP), module.image_in_projector(
-      tokens_RxNxK[:, :n - 1].astype(dtype))], axis=1)
-  key_valid = jnp.concatenate([mask_RxP.astype(bool), jnp.ones((r, n - 1), bool)], axis=1)
-  h, _ = module.hidden(emb, key_valid)
-  h_cond = h[:, p - 1:].reshape(r * n, -1)
-  c = module.condition(h_cond, jnp.tile(jnp.arange(n), r), grid_w)
-  return c.reshape(r, n, -1)
-
-
-def _velocity(module: NextStep, x, t, c):
-  return module.velocity(x, t, c)
-
-
-def transition_logprobs(model: NextStep, params: Any, gcfg: GrpoConfig, batch: dict[str, jax.Array],
-                        step_idx: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(log-densities (R, n, J), means (R, n, J, K), stds (J,)) of the recorded transitions at flow steps
-  `step_idx` (J,), recomputed in parallel: one teacher-forced backbone pass (both CFG branches as rows) and one
-  head pass over R·n·J rows per branch."""
-  fcfg = gcfg.flow_config()
-  states = batch["states"].astype(jnp.float32)  # (R, n, S+1, K)
-  r, n, _, k = states.shape
-  final = states[:, :, -1]
-  tokens = parameter_free_layer_norm(final, 1e-6) if gcfg.use_norm else final
-  ids, mask = batch["input_ids"], batch["attention_mask"]
-  if gcfg.branches == 2:
-    ids = jnp.concatenate([ids, batch["uncond_input_ids"]])
-    mask = jnp.concatenate([mask, batch["uncond_attention_mask"]])
-    tokens = jnp.concatenate([tokens, tokens])
-  c = model.apply(params, ids, mask, tokens, gcfg.grid_w, method=teacher_forced_conditions)  # (bR, n, D)
-  grid = jnp.asarray(flow.time_grid(fcfg))
-  j = step_idx.shape[0]
-  x = states[:, :, step_idx]  # (R, n, J, K)
-  t = jnp.broadcast_to(grid[step_idx], (r, n, j))
-  # (token, step) rows, row-major over (branch, R, n, J)
-  rows = lambda a: jnp.tile(a.reshape((r * n * j,) + a.shape[3:]), (gcfg.branches,) + (1,) * (a.ndim - 3))
-  c_rows = jnp.repeat(c.reshape(gcfg.branches, r * n, -1), j, axis=1).reshape(gcfg.branches * r * n * j, -1)
-  v = model.apply(params, rows(x), rows(t), c_rows, method=_velocity)
-  v = flow.combine_branches(v, gcfg.branches, jnp.float32(gcfg.cfg), jnp.float32(1.0)).reshape(x.shape)
-  t_b = t[..., None]
-  mean, std = flow.transition(fcfg, v, x, t_b, jnp.broadcast_to(grid[step_idx + 1], (r, n, j))[..., None], grid[1])
-  std = jnp.broadcast_to(std, (r, n, j, 1))[..., 0]
-  logp = flow.gaussian_logprob(states[:, :, step_idx + 1], mean, std)
-  return logp, mean, std[0, 0]
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -294,67 +163,7 @@ def rollout_shapes(cfg: ModelConfig, gcfg: GrpoConfig, rows: int) -> dict[str, t
   return out
 
 
-# ----------------------------------------------------------------------------------------------- prompts / rollout
-
-
-def prompt_list(gcfg: GrpoConfig) -> list[str]:
-  """The prompts of `config.grpo.prompts`: the shapes world's 540 captions or a text file's non-empty lines."""
-  if gcfg.prompts == "shapes":
-    return caption_space()
-  path = Path(gcfg.prompts)
-  check(path.is_file(), f"config.grpo.prompts={gcfg.prompts!r} is neither 'shapes' nor a text file; pass a file "
-        f"with one prompt per line")
-  lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-  check(bool(lines), f"config.grpo.prompts={gcfg.prompts!r} has no prompts")
-  return lines
-
-
-def prompt_batch(gcfg: GrpoConfig, cfg: ModelConfig, tokenizer: Any, n_prompts: int, index: int,
-                 prompts: Sequence[str]) -> dict[str, np.ndarray]:
-  """Global rollout-input batch `index`: `n_prompts` prompt ids drawn without replacement by (prompt_seed, index),
-  each repeated G times (group-major), tokenised and left-padded to prompt_len; a tokenizer of None gives random
-  ids (synthetic runs). Keys: input_ids, attention_mask, prompt_index (+ the uncond rows with CFG)."""
-  rng = np.random.default_rng([gcfg.prompt_seed, index])
-  ids = rng.choice(len(prompts), size=n_prompts, replace=n_prompts > len(prompts))
-  index_r = np.repeat(ids, gcfg.group_size).astype(np.int32)
-  if tokenizer is None:
-    r, p = len(index_r), gcfg.prompt_len
-    ids_p = np.random.default_rng([gcfg.prompt_seed, 1 << 20]).integers(0, min(256, cfg.vocab_size), (len(prompts), p))
-    out = {"input_ids": ids_p[index_r].astype(np.int32), "attention_mask": np.ones((r, p), np.int32)}
-    if gcfg.branches == 2:
-      out.update(uncond_input_ids=np.full((r, p), cfg.pad_token_id, np.int32),
-                 uncond_attention_mask=np.zeros((r, p), np.int32).copy())
-      out["uncond_attention_mask"][:, -1] = 1
-  else:
-    rows = tokenizer.t2i_cfg_rows([prompts[i] for i in index_r], gcfg.grid_h, gcfg.grid_w, 1, None, "",
-                                  cfg=gcfg.branches == 2)
-    tok_ids, mask = left_pad(rows, cfg.pad_token_id, (gcfg.prompt_len,))
-    r = len(index_r)
-    out = {"input_ids": tok_ids[:r], "attention_mask": mask[:r]}
-    if gcfg.branches == 2:
-      out.update(uncond_input_ids=tok_ids[r:], uncond_attention_mask=mask[r:])
-  out["prompt_index"] = index_r
-  return out
-
-
-def prompt_iterator(gcfg: GrpoConfig, cfg: ModelConfig, tokenizer: Any, rows: int, process_index: int,
-                    process_count: int) -> grain.DatasetIterator:
-  """Infinite checkpointable iterator of this process's rows of the global prompt batches."""
-  check(rows % gcfg.group_size == 0, f"config.data.global_batch_size={rows} (rollout rows) must be a multiple of "
-        f"config.grpo.group_size={gcfg.group_size}")
-  check(rows % process_count == 0, f"rollout rows {rows} do not split over {process_count} processes")
-  prompts = prompt_list(gcfg)
-  local = rows // process_count
-  sl = slice(process_index * local, (process_index + 1) * local)
-  ds = grain.MapDataset.range(1 << 40).map(lambda i: {k: v[sl] for k, v in prompt_batch(
-      gcfg, cfg, tokenizer, rows // gcfg.group_size, int(i), prompts).items()})
-  return iter(ds.to_iter_dataset())
-
-
-def latent_preview(tokens_RxNxK: np.ndarray, grid_h: int, grid_w: int, patch: int) -> np.ndarray:
-  """uint8 stand-in images without a VAE (synthetic runs): the first three latent channels through a sigmoid."""
-  lat = np.asarray(unpatchify(jnp.asarray(tokens_RxNxK), grid_h * patch, grid_w * patch, patch))[..., :3]
-  return np.round(255 / (1 + np.exp(-lat))).astype(np.uint8)
+# ----------------------------------------------------------------------------------------------- program
 
 
 @dataclasses.dataclass
@@ -386,25 +195,6 @@ class GrpoProgram(StepProgram):
       self._updates[rows] = (jitted, sh)
     return self._updates[rows]
 
-  def rollout(self, params: Any, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, np.ndarray]:
-    """G samples per prompt with the current params → trajectory (states, logp), images (numpy)."""
-    g, cfg = self.gcfg, self.ctx.cfg
-    r = batch["input_ids"].shape[0]
-    spec = Spec(num_images=r, branches=g.branches, prompt_len=g.prompt_len, grid_h=g.grid_h, grid_w=g.grid_w,
-                flow=g.flow_config(), noise_repeat=r, use_norm=g.use_norm, decode=self.vae_cfg is not None)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    if g.branches == 2:
-      ids = jnp.concatenate([ids, batch["uncond_input_ids"]])
-      mask = jnp.concatenate([mask, batch["uncond_attention_mask"]])
-    program = compiled_program(cfg, self.vae_cfg, spec)
-    out = jax.device_get(program(params, self.vae_params, ids, mask, None, jnp.float32(g.cfg), jnp.float32(1.0),
-                                 key, None))
-    images = out.get("images")
-    if images is None:
-      images = latent_preview(out["tokens"], g.grid_h, g.grid_w, cfg.latent_patch_size)
-    return {"states": out["trajectory_states"], "logp": out["trajectory_logp"], "images": images,
-            "tokens": out["tokens"]}
-
   def rollout_batch(self, batch: dict[str, jax.Array], roll: dict[str, np.ndarray], rewards) -> dict[str, Any]:
     keys = ROLLOUT_KEYS[:2] + (UNCOND_KEYS if self.gcfg.branches == 2 else ())
     upd = {k: batch[k] for k in keys}
@@ -413,7 +203,8 @@ class GrpoProgram(StepProgram):
 
   def __call__(self, state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
     step = int(jax.device_get(state.step))
-    roll = self.rollout(state.params, batch, jax.random.fold_in(jax.random.fold_in(key, step), 1))
+    roll = sample_rollout(self.ctx.cfg, self.gcfg, self.vae_cfg, self.vae_params, state.params, batch,
+                          jax.random.fold_in(jax.random.fold_in(key, step), 1))
     index = np.asarray(jax.device_get(batch["prompt_index"]))
     rewards = check_scores(self.reward_fn([self.prompts[i] for i in index], roll["images"]), len(index),
                            self.gcfg.reward)

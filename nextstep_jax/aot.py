@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from nextstep_jax import sharding
 from nextstep_jax.config import ModelConfig, VAEConfig
 from nextstep_jax.data.pipeline import batch_shapes, batch_shardings
+from nextstep_jax.models import quant
 from nextstep_jax.models.flux_vae import FluxVAE, image_multiple
 from nextstep_jax.models.latents import token_grid
 from nextstep_jax.models.nextstep import NextStep, abstract_params
@@ -70,6 +71,7 @@ class SampleSettings:
   prompt_len: int = 256  # prompt bucket
   resolution: int = 0  # square image side in pixels; 0 = config.data.resolution
   edit: bool = False  # editing program: 3 CFG branches + a source image of the same size in the prompt
+  quantize: str = ""  # "int8": the backbone's dense kernels stored int8 (models/quant.py), as `sample --quantize`
 
 
 @dataclasses.dataclass
@@ -263,6 +265,8 @@ def _lower_sample(config, cfg: ModelConfig, mesh, sample: SampleSettings):
               src_tokens=src, noise_repeat=1)
   rows = spec.rows
   abstract, names = abstract_params(cfg)
+  if sample.quantize:
+    abstract, names = quant.quantized_abstract(abstract, names)
   params = sharding.sharded_abstract_params(abstract, names, mesh)
   size = image_multiple(vae_cfg)
   vae_abs, vae_names = sharding.abstract_with_names(
@@ -285,7 +289,8 @@ def _lower_sample(config, cfg: ModelConfig, mesh, sample: SampleSettings):
     raise AotError(f"tracing the generation program failed: {one_line(e)}") from None
   fl = sample_flops(cfg, rows, prompt, n_tok, sample.steps)
   shape = dict(images=images, cfg_branches=branches, rows=rows, prompt_bucket=prompt, resolution=res,
-               image_tokens=n_tok, flow_steps=sample.steps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+               image_tokens=n_tok, flow_steps=sample.steps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+               weights=sample.quantize or cfg.param_dtype)
   notes = ["token-by-token decode is memory-bandwidth bound: MFU-based call times are optimistic; VAE decode "
            "FLOPs are not counted"]
   return lowered, shape, fl, notes

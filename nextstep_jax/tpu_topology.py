@@ -6,6 +6,7 @@ count TensorCores in the name (v5p-256 = 128 megacore chips), v5e/v6e count chip
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -54,8 +55,11 @@ def pod_type(name: str) -> PodType:
   return PodType(f"{gen}-{size}", f"{topo_prefix}:{shape}", chip_config, hbm, tflops)
 
 
-def topology_devices(name: str, num_slices: int = 1) -> tuple[PodType, list]:
-  """Compile-only devices for `num_slices` slices of pod `name` (needs the `tpu` extra: libtpu)."""
+@functools.lru_cache(maxsize=None)
+def topology_devices(name: str, num_slices: int = 1) -> tuple[PodType, tuple]:
+  """Compile-only devices for `num_slices` slices of pod `name` (needs the `tpu` extra: libtpu). Cached: jax's
+  trace cache treats two topologies' devices with the same ids as equal, so a second program compiled in one process
+  on fresh devices would reuse shardings bound to the first ones ("incompatible devices")."""
   # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when it loads; compile-only devices need no exclusive
   # TPU access, so let several compiling processes (other users, pytest-xdist workers) load it at once
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -66,4 +70,4 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[PodType, list]:
   except Exception as e:  # libtpu missing or the topology unknown to this libtpu
     raise RuntimeError(f"cannot build TPU topology {pod.topology} for {name}: {e}. Install the TPU compiler with "
                        f"pip install -e '.[tpu]'") from None
-  return pod, list(topo.devices)
+  return pod, tuple(topo.devices)

@@ -5,12 +5,16 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import pytest
+from flax import traverse_util
 
 from conftest import ROOT
 from nextstep_jax import aot
 from nextstep_jax.cli import main
 from nextstep_jax.config import ModelConfig, load_config
+from nextstep_jax.models import quant
+from nextstep_jax.models.nextstep import abstract_params
 
 TINY1 = os.path.join(ROOT, "configs", "tiny", "stage1_256px.py")
 STAGE1_14B = os.path.join(ROOT, "configs", "nextstep1_14b", "stage1_256px.py")
@@ -64,6 +68,22 @@ def test_tiny_sample_program_compiles_for_v5p_8(capsys):
   # one image × 2 CFG branches per data-parallel group (data=4); tiny VAE f2 × patch 2 → 8×8 tokens at 32 px
   assert r["shape"]["images"] == 4 and r["shape"]["rows"] == 8 and r["shape"]["image_tokens"] == 64
   assert r["flops_head"] > 0 and r["peak_bytes"] > 0
+  code, q = _aot_json(capsys, "--config", TINY1, "--topology", "v5p-8", "--program", "sample",
+                      "--sample-resolution", "32", "--sample-prompt-len", "32", "--sample-steps", "4",
+                      "--sample-quantize", "int8")
+  assert code == 0 and q["fits"] and q["shape"]["weights"] == "int8", q.get("error")
+  assert r["shape"]["weights"] == "float32", r["shape"]
+  # on data=4 × fsdp=1 the params are replicated: each chip saves 3 bytes per int8 kernel element and pays 4 per
+  # fp32 scale — the compiler's argument bytes must differ by about that (XLA:TPU pads small arrays to its tiles:
+  # measured 282,624 B saved for 217,088 B of elements)
+  cfg = ModelConfig.from_dict(load_config(TINY1).model)
+  flat = traverse_util.flatten_dict(quant.quantized_abstract(*abstract_params(cfg))[0])
+  saved = sum(3 * x.size if x.dtype == jnp.int8 else -4 * x.size for path, x in flat.items()
+              if x.dtype == jnp.int8 or path[-1] == quant.SCALE)
+  got = r["memory"]["argument"] - q["memory"]["argument"]
+  print(f"sample program arguments per chip: fp32 {r['memory']['argument']:.0f} B, int8 {q['memory']['argument']:.0f}"
+        f" B; saved {got:.0f} B, expected {saved} B")
+  assert got == pytest.approx(saved, rel=0.5)
 
 
 def test_human_output_and_multislice(capsys):

@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
   g.add_argument("--sample-resolution", type=NON_NEGATIVE_INT, default=0,
                  help="image side in pixels (default: config.data.resolution)")
   g.add_argument("--sample-edit", action="store_true", help="editing program (3 CFG branches + a source image)")
+  g.add_argument("--sample-quantize", default="", choices=("", "int8"),
+                 help="int8: the backbone's dense kernels int8 with per-channel scales (`sample --quantize int8`)")
   g.add_argument("--serve-verify", action="store_true", help="serve: also compile the slot count that fits")
   p.add_argument("--debug", action="store_true", help="raise errors with tracebacks instead of one line")
   p.set_defaults(func=run)
@@ -44,7 +46,8 @@ def run(args) -> int:
   from nextstep_jax.errors import native_stderr_hidden
   from nextstep_jax.serving.aot import slots_that_fit
   settings = aot.SampleSettings(images=args.sample_batch, steps=args.sample_steps, prompt_len=args.sample_prompt_len,
-                                resolution=args.sample_resolution, edit=args.sample_edit)
+                                resolution=args.sample_resolution, edit=args.sample_edit,
+                                quantize=args.sample_quantize)
   header = dict(config=args.config, pod=args.topology, num_slices=args.num_slices, program=args.program)
   try:
     config = load_config(args.config, args.config_overrides)

@@ -105,25 +105,36 @@ def test_head_sampler_teacher_forced(sampler, stacked_params, fixtures_dir, name
 
 
 def test_kv_cache_sampling_equals_full_recompute(sampler, stacked_params):
-  """Reference loop without a cache: every step re-runs the whole sequence (prompt + tokens so far)."""
+  """Reference loop without a cache: every step re-runs the whole sequence (prompt + tokens so far). The sequence
+  buffer has its final length from the start (causal attention: the unfilled tail cannot reach position P + k − 1),
+  so the reference step compiles once."""
   opts = Options(height=16, width=16, steps=3, cfg=3.0, positive_prompt=None, negative_prompt="", buckets=(32,))
   out = sampler.text_to_image(["a red cube"], opts)
   ids, mask = out.extras["prompt_ids"], out.extras["prompt_mask"]
   model, p = NextStep(sampler.cfg), stacked_params
   fcfg = flow.FlowConfig("sde_a", 3, 1.0)
   key = jax.random.key(opts.seed)
-  embeds = model.apply(p, jnp.asarray(ids), None, method=NextStep.embed_inputs)
-  toks = []
-  for k in range(16):
-    full_mask = jnp.concatenate([jnp.asarray(mask), jnp.ones((2, k), jnp.int32)], axis=1)
+  n, prompt_len = 16, ids.shape[1]
+  full_mask = jnp.concatenate([jnp.asarray(mask), jnp.ones((2, n), jnp.int32)], axis=1)
+
+  @jax.jit
+  def next_token(embeds, k):
     h, _ = model.apply(p, embeds, full_mask, method=NextStep.hidden)
-    c = model.apply(p, h[:, -1], method=NextStep.condition)
+    c = model.apply(p, jax.lax.dynamic_index_in_dim(h, prompt_len + k - 1, 1, keepdims=False),
+                    method=NextStep.condition)
     d = jax.random.normal(jax.random.fold_in(key, k), (3, 1, 64))
     v_fn = lambda x, t, _: flow.combine_branches(model.apply(p, jnp.tile(x, (2, 1)), jnp.full((2,), t), c,
                                                           method=NextStep.velocity), 2, 3.0, 1.0)
     tok = parameter_free_layer_norm(flow.integrate(v_fn, d[0], fcfg, lambda j: d[j + 1]), 1e-6)
+    row = model.apply(p, jnp.tile(tok, (2, 1)), method=NextStep.embed_image_token)
+    return tok, jax.lax.dynamic_update_slice_in_dim(embeds, row.astype(embeds.dtype), prompt_len + k, 1)
+
+  prompt = model.apply(p, jnp.asarray(ids), None, method=NextStep.embed_inputs)
+  embeds = jnp.concatenate([prompt, jnp.zeros((2, n) + prompt.shape[2:], prompt.dtype)], axis=1)
+  toks = []
+  for k in range(n):
+    tok, embeds = next_token(embeds, jnp.int32(k))
     toks.append(np.asarray(tok))
-    embeds = jnp.concatenate([embeds, model.apply(p, jnp.tile(tok, (2, 1)), method=NextStep.embed_image_token)], 1)
   err = _err("KV cache vs full recompute", out.tokens, np.stack(toks, axis=1))
   assert err <= 1e-4
 

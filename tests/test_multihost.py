@@ -4,6 +4,7 @@ multi-process Orbax checkpoint saves and the process-0 export. The layout is the
 params sharded, not replicated) and training starts from random non-zero weights (`init_from`): the zero init's
 zero head gradients would hide a wrong cross-process reduction of those gradients at step 1."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -71,11 +72,19 @@ def _params(workdir) -> dict:
   return traverse_util.flatten_dict(params_io.load_params(os.path.join(workdir, "export", "params")))
 
 
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """(workdir, outputs) of one 2-process run of STEPS steps, shared by both tests (one xdist group)."""
+  multi = tmp_path_factory.mktemp("multihost") / "multi"
+  return multi, _run_two_processes(multi)
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-  single, multi = tmp_path / "single", tmp_path / "multi"
+@pytest.mark.xdist_group("multihost")
+def test_two_processes_match_one_process(two_process_run, tmp_path):
+  single = tmp_path / "single"
   _run_single(single)
-  outputs = _run_two_processes(multi)
+  multi, outputs = two_process_run
   assert "finished at step 3" in outputs[0] and "finished at step 3" in outputs[1]
 
   # the two processes really formed one 8-device job (not two independent 4-device runs)
@@ -110,10 +119,11 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_resume_from_their_checkpoint(tmp_path):
-  """A 2-process job restarted in the same workdir resumes from its last multi-process checkpoint."""
+@pytest.mark.xdist_group("multihost")
+def test_two_processes_resume_from_their_checkpoint(two_process_run, tmp_path):
+  """A 2-process job restarted in (a copy of) its workdir resumes from its last multi-process checkpoint."""
   multi = tmp_path / "multi"
-  _run_two_processes(multi)
+  shutil.copytree(two_process_run[0], multi)
   port = _free_port()
   procs = [subprocess.Popen(_train_cmd(multi, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                        "--process-id", str(i), "--config.train.steps=4"),

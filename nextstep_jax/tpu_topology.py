@@ -64,9 +64,11 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[PodType, tuple]:
   # TPU access, so let several compiling processes (other users, pytest-xdist workers) load it at once
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   pod = pod_type(name)
+  dims = [int(d) for d in pod.topology.split(":")[1].split("x")] + [1]
+  host = tuple(min(b, d) for b, d in zip((2, 2, 1), dims))  # a host holds 2×2 chips; a 1-chip pod, one
   try:
     topo = topologies.get_topology_desc(platform="tpu", topology_name=pod.topology, chip_config_name=pod.chip_config,
-                                        chips_per_host_bounds=(2, 2, 1), num_slices=num_slices)
+                                        chips_per_host_bounds=host, num_slices=num_slices)
   except Exception as e:  # libtpu missing or the topology unknown to this libtpu
     raise RuntimeError(f"cannot build TPU topology {pod.topology} for {name}: {e}. Install the TPU compiler with "
                        f"pip install -e '.[tpu]'") from None

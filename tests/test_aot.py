@@ -15,6 +15,7 @@ from nextstep_jax.cli import main
 from nextstep_jax.config import ModelConfig, load_config
 from nextstep_jax.models import quant
 from nextstep_jax.models.nextstep import abstract_params
+from nextstep_jax.tpu_topology import topology_devices
 
 TINY1 = os.path.join(ROOT, "configs", "tiny", "stage1_256px.py")
 STAGE1_14B = os.path.join(ROOT, "configs", "nextstep1_14b", "stage1_256px.py")
@@ -32,6 +33,12 @@ def test_libtpu_is_installed():
   import importlib.util
   assert importlib.util.find_spec("libtpu") is not None, \
       "libtpu is missing: TPU AOT compilation needs the tpu extra (pip install -e '.[tpu]')"
+
+
+@pytest.mark.parametrize("pod, chips", [("v5e-1", 1), ("v6e-1", 1), ("v5e-4", 4), ("v5p-8", 4), ("v5p-16", 8)])
+def test_single_chip_and_small_pods_have_devices(pod, chips):
+  """A 1-chip pod (v5e-1, v6e-1: the smallest an int8 14B sampler might fit) is a topology smaller than one host."""
+  assert len(topology_devices(pod)[1]) == chips
 
 
 def _aot_json(capsys, *args) -> tuple[int, dict]:

@@ -214,3 +214,12 @@ def test_bad_input_errors(sampler, model_dir, tmp_path):
     sampler.edit("make it blue", np.zeros((16, 16, 3), np.uint8), Options(height=16, width=16))
   with pytest.raises(FileNotFoundError, match="not a nextstep_jax model directory"):
     Sampler.from_checkpoint(tmp_path / "missing")
+
+
+def test_a_bucket_past_the_position_table_gives_way_to_the_longest_length_that_fits(sampler):
+  """Buckets (16, 8192) on a 4096-position model: the prompt does not fit 16, 8192 + 16 tokens would overflow, so
+  it is padded to 4096 − 16 (an error before; a user of the demo model hit it with the default buckets)."""
+  opts = Options(height=16, width=16, steps=2, cfg=1.0, positive_prompt=None, negative_prompt="", buckets=(16, 8192))
+  out = sampler.text_to_image("a red cube on a blue table beside a green ball " * 3, opts)
+  assert out.extras["prompt_ids"].shape[1] == sampler.cfg.max_position_embeddings - 16
+  assert np.isfinite(out.tokens).all()

@@ -152,7 +152,7 @@ class Sampler:
 
   def _check_length(self, prompt_len: int, n_tokens: int) -> None:
     if prompt_len + n_tokens > self.cfg.max_position_embeddings:
-      raise ValueError(f"prompt bucket {prompt_len} + {n_tokens} image tokens exceeds max_position_embeddings "
+      raise ValueError(f"prompt of {prompt_len} tokens + {n_tokens} image tokens exceeds max_position_embeddings "
                        f"{self.cfg.max_position_embeddings}; use a smaller image or a shorter prompt")
 
   # ------------------------------------------------------------------------------------------- modes
@@ -204,8 +204,10 @@ class Sampler:
   def _run(self, rows, *, src_rows, branches: int, num_images: int, grid: tuple[int, int], opts: Options,
            default_shift: float, noise_repeat: int, noise_draws) -> Result:
     gh, gw = grid
-    ids, mask = left_pad(rows, self.cfg.pad_token_id, opts.buckets)
-    self._check_length(ids.shape[1], gh * gw)
+    # a bucket that would overflow the position table gives way to the longest length that fits
+    self._check_length(max(len(r) for r in rows), gh * gw)
+    cap = self.cfg.max_position_embeddings - gh * gw
+    ids, mask = left_pad(rows, self.cfg.pad_token_id, sorted({b for b in opts.buckets if b <= cap} | {cap}))
     check_grids_fit(self.cfg, [(gh, gw)], f"sample at most {self.cfg.base_image_grid_size} tokens per side")
     spec = Spec(num_images=num_images, branches=branches, prompt_len=ids.shape[1], grid_h=gh, grid_w=gw,
                 flow=opts.flow_config(default_shift),

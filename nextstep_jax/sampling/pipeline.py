@@ -207,7 +207,8 @@ class Sampler:
     # a bucket that would overflow the position table gives way to the longest length that fits
     self._check_length(max(len(r) for r in rows), gh * gw)
     cap = self.cfg.max_position_embeddings - gh * gw
-    ids, mask = left_pad(rows, self.cfg.pad_token_id, sorted({b for b in opts.buckets if b <= cap} | {cap}))
+    buckets = sorted({min(b, cap) for b in opts.buckets})
+    ids, mask = left_pad(rows, self.cfg.pad_token_id, buckets)
     check_grids_fit(self.cfg, [(gh, gw)], f"sample at most {self.cfg.base_image_grid_size} tokens per side")
     spec = Spec(num_images=num_images, branches=branches, prompt_len=ids.shape[1], grid_h=gh, grid_w=gw,
                 flow=opts.flow_config(default_shift),

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--sampler", default="sde_a", choices=METHODS,
                  help="sde_a = the official release sampler; dpm_2m = DPM-Solver++(2M) on its log-SNR grid; "
                       "flow_sde / cps = the log-prob SDEs of GRPO rollouts (see --noise-level)")
-  p.add_argument("--noise-level", type=float, default=0.7,
+  p.add_argument("--noise-level", type=POSITIVE, default=0.7,
                  help="flow_sde / cps only: the SDE noise level a (cps: 0 < a <= 1)")
   p.add_argument("--step-schedule", default=None, help="per-token flow steps over equal token segments, e.g. "
                  "50,25,10 (each ≤ --steps)")

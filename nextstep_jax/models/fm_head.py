@@ -75,8 +75,9 @@ def modulate(x, shift, scale):
 def split_modulation(mod_NxkW: jax.Array, k: int) -> list[jax.Array]:
   """The k chunks [shift ‖ scale (‖ gate)] of an adaLN output, after gathering its feature axis.
 
-  XLA's SPMD partitioner miscomputes chunks sliced from a `tensor`-sharded axis when they feed a row-parallel
-  kernel and multiply each other (O(1) wrong on the (2,2,2) mesh; negative control in tests/test_sharding.py)."""
+  XLA's SPMD partitioner miscomputes chunks of one batch-sharded product when one goes through a row-parallel
+  (tensor, fsdp) kernel and multiplies another (O(1) wrong on the (2,2,2) mesh whatever the first kernel's
+  sharding; negative control in tests/test_sharding.py)."""
   return jnp.split(sharding.constrain(mod_NxkW, ("act_batch", None)), k, -1)
 
 

@@ -205,7 +205,7 @@ class Sampler:
            default_shift: float, noise_repeat: int, noise_draws) -> Result:
     gh, gw = grid
     # a bucket that would overflow the position table gives way to the longest length that fits
-    self._check_length(max(len(r) for r in rows), gh * gw)
+    self._check_length(max(map(len, rows), default=0), gh * gw)  # no rows: left_pad says so
     cap = self.cfg.max_position_embeddings - gh * gw
     buckets = sorted({min(b, cap) for b in opts.buckets})
     ids, mask = left_pad(rows, self.cfg.pad_token_id, buckets)

@@ -273,6 +273,6 @@ class Grpo(Objective):
 
   def step_flops(self, cfg, rows, seq_len, image_tokens, section=None):
     """The update step of `rows` rollouts as the section sets it (steps trained, CFG branches, reference)."""
-    n = max(image_tokens // max(rows, 1), 1)
-    gcfg = section if section is not None else GrpoConfig(prompt_len=seq_len, grid_h=1, grid_w=n)
+    gcfg = section if section is not None else GrpoConfig(
+        prompt_len=seq_len, grid_h=1, grid_w=max(image_tokens // max(rows, 1), 1))
     return step_flops(cfg, gcfg, rows, with_reference=gcfg.kl_weight > 0)

@@ -7,8 +7,9 @@ held-out prompts (`data.shapes.held_out_scenes(prompts, eval_seed)`, the demo's 
 (`independent_noise`: every image its own draws) and reports, side by side with the 50-step default (the first,
 reference row): head calls per image (`flow.head_evaluations`; rows = calls × CFG branches actually run), seconds per
 image (steady state, compile excluded), the demo evaluator's fully-correct rate with its standard error
-sqrt(p(1−p)/N) over N = prompts × seeds images, and the Fréchet distance to the ground-truth renders of the same
-scenes. Feature map for the Fréchet distance (fixed, no learned network): each image average-pooled to 8×8 RGB in
+sqrt(p(1−p)/N) over N = prompts × seeds images, its paired difference to the first row (same prompt and seed
+index per image; SE = std(per-image difference)/sqrt(N)), and the Fréchet distance to the ground-truth renders of
+the same scenes. Feature map for the Fréchet distance (fixed, no learned network): each image average-pooled to 8×8 RGB in
 [0, 1] (192-d) concatenated with a 4×4×4 joint colour histogram (64-d), 256-d in all.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from nextstep_jax.data.shapes import held_out_scenes, render  # noqa: E402
 from nextstep_jax.eval.fid import frechet_distance_features  # noqa: E402
-from nextstep_jax.eval.shapes_scorer import score_batch  # noqa: E402
+from nextstep_jax.eval.shapes_scorer import score_image  # noqa: E402
 from nextstep_jax.sampling import flow  # noqa: E402
 from nextstep_jax.sampling.pipeline import Options, Sampler  # noqa: E402
 
@@ -86,7 +87,9 @@ def main():
   names = args.only or list(SETTINGS)
   n_tokens = np.prod(samplers[None].token_grid(args.image_size, args.image_size))
   print(f"{len(prompts)} held-out prompts × seeds {args.seeds} = {len(prompts) * len(args.seeds)} images per row")
-  print(f"{'setting':40s} {'head calls':>10s} {'head rows':>10s} {'s/image':>8s} {'fully correct':>16s} {'FD':>8s}")
+  print(f"{'setting':40s} {'head calls':>10s} {'head rows':>10s} {'s/image':>8s} {'fully correct':>16s} "
+        f"{'vs reference':>16s} {'FD':>8s}")
+  reference = None
   for name in names:
     over = dict(SETTINGS[name])
     quantize = over.pop("quantize", None)
@@ -96,11 +99,16 @@ def main():
     calls, rows = flow.head_evaluations(opts.flow_config(1.0), int(n_tokens), 2 if opts.cfg > 1 else 1)
     t0 = time.perf_counter()
     images, run_s = run_setting(samplers, prompts, opts, quantize, args.batch, args.seeds)
-    p = score_batch(images, prompts * len(args.seeds))["fully_correct"]
-    se = np.sqrt(p * (1 - p) / len(images))
+    correct = np.array([score_image(im, cap)["fully_correct"] for im, cap in zip(images, prompts * len(args.seeds))],
+                       dtype=np.float64)
+    reference = correct if reference is None else reference
+    p, se = correct.mean(), np.sqrt(correct.mean() * (1 - correct.mean()) / len(correct))
+    diff = correct - reference
+    d_se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    d = diff.mean()
     fd = frechet_distance_features(features(images), truth)
     print(f"{name:40s} {calls:10d} {rows:10d} {run_s / len(images):8.3f} {100 * p:8.1f} ± {100 * se:4.1f} % "
-          f"{fd:8.4f}   (wall {time.perf_counter() - t0:.0f} s)", flush=True)
+          f"{100 * d:+7.1f} ± {100 * d_se:4.1f} % {fd:8.4f}   (wall {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ def get_config(arg=None):
   cfg = load_config(f"{os.path.join(os.path.dirname(os.path.abspath(__file__)), 'stage1.py')}:{variant}")
   size = _SIZES[variant]
   t = cfg.train
-  # not tuned beyond a few reduced runs (docs/GRPO.md)
-  t.steps, t.lr, t.end_lr, t.warmup_steps, t.schedule = size["steps"], 1e-5, 1e-5, 0, "constant"
+  # lr: 1e-5 moved nothing, 3e-4 collapsed the model, 1e-4 gained (40-step pilots, docs/GRPO.md)
+  t.steps, t.lr, t.end_lr, t.warmup_steps, t.schedule = size["steps"], 1e-4, 1e-4, 0, "constant"
   t.weight_decay, t.log_every, t.save_every, t.sample_every = 0.0, 1, 20, 0
   t.init_from = ""  # filled in: DEMO/train/export (also the reference)
   # 32 px images with the demo's f4 VAE and 2×2 patches: 4×4 tokens; the demo samples with 50 steps, RL rollouts

@@ -30,26 +30,54 @@ class SlotsFit:
             f"(fixed {self.fixed_gib:.2f} GiB + {self.per_slot_gib * 1024:.1f} MiB/slot; compiled: {probes})")
 
 
+GROWTH_TRIES = 4  # the second probe grows ×4 at most this many times until the slots' memory shows
+MIN_GROWTH = 0.05  # ... i.e. until the peak grew by this share of the first probe's peak
+
+
+def _peak_gib(config, pod: str, sample, slots: int) -> tuple[float, float, str]:
+  """(compiled per-chip peak GiB, usable HBM GiB, pod name) of the step at `slots`; a peak over the HBM still
+  measures the slope, so it is returned rather than raised."""
+  try:
+    r = aot.compile_for_pod(config, pod, program="serve", sample=dataclasses.replace(sample, images=slots))
+  except aot.DoesNotFit as e:
+    if e.needed_bytes is None:
+      raise
+    return e.needed_bytes / aot.GIB, e.available_bytes / aot.GIB, pod
+  return r.peak_bytes / aot.GIB, r.hbm_bytes / aot.GIB, r.pod
+
+
 def slots_that_fit(config, pod: str, sample, probe_slots: tuple[int, int] | None = None,
                    verify: bool = False) -> SlotsFit:
   """Compiles the step at two slot counts on `pod`, extrapolates the per-chip peak linearly and (`verify`)
-  compiles the extrapolated slot count (compile_for_pod raises DoesNotFit if it does not fit)."""
+  compiles the extrapolated slot count (compile_for_pod raises DoesNotFit if it does not fit). At a few slots
+  the KV caches can hide in the allocator's slack (the peak may even shrink), so the second count grows ×4 until
+  the peak has grown by MIN_GROWTH; a step whose peak never grows is one clear error, not "0 slots"."""
   data = int(config.mesh.get("data", 1))
   data = data if data > 0 else pod_type(pod).num_chips
   a, b = probe_slots or (data, 4 * data)
-  probes = []
-  for s in (a, b):
-    r = aot.compile_for_pod(config, pod, program="serve", sample=dataclasses.replace(sample, images=s))
-    probes.append((s, r.peak_bytes / aot.GIB))
-  hbm = r.hbm_bytes / aot.GIB
-  per_slot = (probes[1][1] - probes[0][1]) / (b - a)
-  fixed = probes[0][1] - a * per_slot
-  fit = int((hbm - fixed) / per_slot) if per_slot > 0 else 0
-  fit = max(0, fit // data * data)
-  if verify and fit > b:  # the extrapolated count, compiled: its peak must be under the HBM
+  first, hbm, name = _peak_gib(config, pod, sample, a)
+  if first > hbm:
+    raise aot.DoesNotFit(f"{pod}: the serving step needs {first:.2f} GiB per chip at {a} slot(s), more than the "
+                         f"{hbm:.2f} GiB usable; use a larger pod or shard the weights further", first * aot.GIB,
+                         hbm * aot.GIB)
+  probes = [(a, first)]
+  for _ in range(GROWTH_TRIES + 1):
+    peak = _peak_gib(config, pod, sample, b)[0]
+    probes.append((b, peak))
+    if peak - first >= MIN_GROWTH * first:
+      break
+    b *= 4
+  else:
+    raise aot.AotError(f"{pod}: the serving step's per-chip peak did not grow by {MIN_GROWTH:.0%} from {a} to "
+                       f"{probes[-1][0]} slots ({', '.join(f'{s}: {g:.2f} GiB' for s, g in probes)}); the slot "
+                       f"memory cannot be extrapolated — pass --sample-batch N to compile N slots directly")
+  per_slot = (probes[-1][1] - first) / (probes[-1][0] - a)
+  fixed = first - a * per_slot
+  fit = max(0, int((hbm - fixed) / per_slot) // data * data)
+  if verify and fit > 0 and fit not in dict(probes):  # the count that fits, compiled: its peak must be under the HBM
     r = aot.compile_for_pod(config, pod, program="serve", sample=dataclasses.replace(sample, images=fit))
     probes.append((fit, r.peak_bytes / aot.GIB))
   res = sample.resolution or int(config.data.resolution)
-  return SlotsFit(pod=r.pod, resolution=res, hbm_gib=hbm, fixed_gib=fixed, per_slot_gib=per_slot, slots=fit,
+  return SlotsFit(pod=name, resolution=res, hbm_gib=hbm, fixed_gib=fixed, per_slot_gib=per_slot, slots=fit,
                   probes=tuple(probes))
 

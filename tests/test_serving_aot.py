@@ -29,5 +29,5 @@ def test_slots_that_fit_extrapolates_from_a_peak_that_grows():
   fit = slots_that_fit(load_config(TINY1), "v5p-8", settings)
   (a, first), (b, second) = fit.probes
   assert b > a and second - first >= MIN_GROWTH * first and fit.per_slot_gib > 0, fit.probes
-  assert fit.slots > b and fit.slots % 4 == 0, fit  # a multiple of the data-parallel size
+  assert fit.slots > b and fit.slots % 4 == 0, fit  # a multiple of data × fsdp (v5p-8: 4 chips)
   assert fit.fixed_gib + fit.slots * fit.per_slot_gib <= fit.hbm_gib < fit.fixed_gib + (fit.slots + 4) * fit.per_slot_gib

@@ -3,7 +3,7 @@ slots fit in HBM.
 
 `nextstep_jax.aot`'s "serve" program is the real `programs.step` over abstract sharded weights and slot state
 (KV caches of every slot, rows over the data axes, KV heads over `tensor`). `slots_that_fit` compiles it at two slot counts, fits per-chip peak = fixed + slots · per_slot (weights, head and code are fixed; KV caches
-and activations grow with the slots) and returns the largest slot count (a multiple of the data-parallel size)
+and activations grow with the slots) and returns the largest slot count (a multiple of the data × fsdp size)
 under the usable HBM.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from nextstep_jax import aot
+from nextstep_jax.sharding import MESH_AXES, _resolve_sizes
 from nextstep_jax.tpu_topology import pod_type
 
 
@@ -21,7 +22,7 @@ class SlotsFit:
   hbm_gib: float
   fixed_gib: float  # weights, head, code: the per-chip peak at zero slots (extrapolated)
   per_slot_gib: float  # KV cache + activations of one slot per chip
-  slots: int  # the most slots that fit (a multiple of the data-parallel size)
+  slots: int  # the most slots that fit (a multiple of the data × fsdp size)
   probes: tuple[tuple[int, float], ...]  # (slots, compiled per-chip peak GiB)
 
   def line(self) -> str:
@@ -46,14 +47,35 @@ def _peak_gib(config, pod: str, sample, slots: int) -> tuple[float, float, str]:
   return r.peak_bytes / aot.GIB, r.hbm_bytes / aot.GIB, r.pod
 
 
+def _largest_that_fits(config, pod: str, sample, data: int, probes: list, hbm: float, guess: int) -> int:
+  """The largest compiled slot count ≤ `guess` (a multiple of `data`) whose peak is under the HBM: the guess is
+  compiled, and if it does not fit, the counts between the largest fitting probe and it are bisected (the linear
+  model misses the compiler changing its layout at some slot count). Every compile is appended to `probes`."""
+  lo, bad, count = max(s for s, g in probes if g <= hbm), None, guess
+  while True:
+    peak = _peak_gib(config, pod, sample, count)[0]
+    probes.append((count, peak))
+    if peak <= hbm:
+      lo = count
+    else:
+      bad = count
+    if bad is None:
+      return lo
+    count = (lo + bad) // 2 // data * data
+    if count <= lo:
+      return lo
+
+
 def slots_that_fit(config, pod: str, sample, probe_slots: tuple[int, int] | None = None,
                    verify: bool = False) -> SlotsFit:
   """Compiles the step at two slot counts on `pod`, extrapolates the per-chip peak linearly and (`verify`)
-  compiles the extrapolated slot count (compile_for_pod raises DoesNotFit if it does not fit). At a few slots
+  compiles the extrapolated slot count, bisecting down to the largest count that fits when it does not. At a few slots
   the KV caches can hide in the allocator's slack (the peak may even shrink), so the second count grows ×4 until
   the peak has grown by MIN_GROWTH; a step whose peak never grows is one clear error, not "0 slots"."""
-  data = int(config.mesh.get("data", 1))
-  data = data if data > 0 else pod_type(pod).num_chips
+  sizes = _resolve_sizes([int(config.mesh.get(a, 1)) for a in MESH_AXES], pod_type(pod).num_chips, "config.mesh")
+  # slots are rows over data × fsdp (act_batch): a count they do not divide is padded or replicated, and the peak
+  # jumps (v5e-8, 14B, 512²: 16 slots 11.6 GiB, 17 slots 25.4 GiB)
+  data = sizes[0] * sizes[1]
   a, b = probe_slots or (data, 4 * data)
   first, hbm, name = _peak_gib(config, pod, sample, a)
   if first > hbm:
@@ -74,9 +96,8 @@ def slots_that_fit(config, pod: str, sample, probe_slots: tuple[int, int] | None
   per_slot = (probes[-1][1] - first) / (probes[-1][0] - a)
   fixed = first - a * per_slot
   fit = max(0, int((hbm - fixed) / per_slot) // data * data)
-  if verify and fit > 0 and fit not in dict(probes):  # the count that fits, compiled: its peak must be under the HBM
-    r = aot.compile_for_pod(config, pod, program="serve", sample=dataclasses.replace(sample, images=fit))
-    probes.append((fit, r.peak_bytes / aot.GIB))
+  if verify and fit > 0 and fit not in dict(probes):
+    fit = _largest_that_fits(config, pod, sample, data, probes, hbm, fit)
   res = sample.resolution or int(config.data.resolution)
   return SlotsFit(pod=name, resolution=res, hbm_gib=hbm, fixed_gib=fixed, per_slot_gib=per_slot, slots=fit,
                   probes=tuple(probes))

@@ -35,7 +35,8 @@ setup(
         "prometheus_client",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "openai", "httpx", "webdataset", "datasets"],
+        "test": ["pytest<9.2", "pytest-xdist",  # pytest 9.2 breaks xdist 3.8's --dist loadgroup (tests/conftest.py)
+                  "torch==2.13.0", "diffusers", "openai", "httpx", "webdataset", "datasets"],
         # `data build --kind hf` (datasets.load_from_disk) and img2dataset parquet shards (pyarrow)
         "data": ["datasets", "pyarrow"],
         # `data build --kind wds --workers W` (Beam through TFDS). apache-beam pins pillow<13 / protobuf<7 /

@@ -79,7 +79,7 @@ def run_cli(args: list[str], timeout: int) -> str:
 def reduced_demo(tmp_path_factory, worker_id):
   """(workdir, stdout) of one finished reduced demo (`configs/demo/stage1.py:ci`), trained once per session and
   shared by the demo and DPO-demo tests. Under xdist the workers share it through the session's base directory
-  and a file lock (the "demo" group does not keep the two tests on one worker): the first trains it, the other
+  and a file lock (in case the "demo" group is not kept on one worker): the first trains it, the other
   waits and then reruns the finished demo, which skips every phase. An existing finished workdir can be supplied
   with NEXTSTEP_DEMO_WORKDIR."""
   given = os.environ.get("NEXTSTEP_DEMO_WORKDIR")
@@ -93,3 +93,26 @@ def reduced_demo(tmp_path_factory, worker_id):
   with lock:
     return str(workdir), run_cli(["nextstep_jax.cli", "demo", "--workdir", str(workdir), "--config",
                                   DEMO_CI_CONFIG], timeout=2400)
+
+
+def _group_lost_message(detail: str) -> str:
+  return (f"--dist loadgroup: {detail}; pytest {pytest.__version__} and pytest-xdist disagree on node ids, so "
+          f"xdist_group tests would scatter over workers — install pytest<9.2 (setup.py, constraints.txt)")
+
+
+def pytest_configure(config):
+  """The controller's check (a worker's error below only fails the run; xdist does not show its message)."""
+  if config.getoption("dist", "no") == "loadgroup" and not hasattr(pytest.Item, "_nodeid"):
+    raise pytest.UsageError(_group_lost_message("pytest.Item has no _nodeid for xdist to rename"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """Under `--dist loadgroup` an `xdist_group` test must carry its group in its node id (xdist adds `@group`),
+  or the group's tests scatter over workers: shared fixtures (the reduced demo, the 2-process run) are then built
+  twice or waited for. pytest 9.2 ignores xdist 3.8's rename (setup.py pins pytest<9.2)."""
+  if not getattr(config.option, "loadgroup", False):
+    return
+  lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+  if lost:
+    raise pytest.UsageError(_group_lost_message(f"{len(lost)} xdist_group tests lost their group (e.g. {lost[0]})"))

@@ -88,7 +88,7 @@ def main():
   n_tokens = np.prod(samplers[None].token_grid(args.image_size, args.image_size))
   print(f"{len(prompts)} held-out prompts × seeds {args.seeds} = {len(prompts) * len(args.seeds)} images per row")
   print(f"{'setting':40s} {'head calls':>10s} {'head rows':>10s} {'s/image':>8s} {'fully correct':>16s} "
-        f"{'vs reference':>16s} {'FD':>8s}")
+        f"{'vs first row':>16s} {'FD':>8s}")
   reference = None
   for name in names:
     over = dict(SETTINGS[name])
@@ -102,7 +102,8 @@ def main():
     correct = np.array([score_image(im, cap)["fully_correct"] for im, cap in zip(images, prompts * len(args.seeds))],
                        dtype=np.float64)
     reference = correct if reference is None else reference
-    p, se = correct.mean(), np.sqrt(correct.mean() * (1 - correct.mean()) / len(correct))
+    p = correct.mean()
+    se = np.sqrt(p * (1 - p) / len(correct))
     diff = correct - reference
     d_se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
     d = diff.mean()

@@ -35,16 +35,16 @@ GROWTH_TRIES = 4  # the second probe grows ×4 at most this many times until the
 MIN_GROWTH = 0.05  # ... i.e. until the peak grew by this share of the first probe's peak
 
 
-def _peak_gib(config, pod: str, sample, slots: int) -> tuple[float, float, str]:
-  """(compiled per-chip peak GiB, usable HBM GiB, pod name) of the step at `slots`; a peak over the HBM still
-  measures the slope, so it is returned rather than raised."""
+def _peak_gib(config, pod: str, sample, slots: int) -> float:
+  """Compiled per-chip peak GiB of the step at `slots`; a peak over the HBM still measures the slope, so it is
+  returned rather than raised."""
   try:
     r = aot.compile_for_pod(config, pod, program="serve", sample=dataclasses.replace(sample, images=slots))
   except aot.DoesNotFit as e:
     if e.needed_bytes is None:
       raise
-    return e.needed_bytes / aot.GIB, e.available_bytes / aot.GIB, pod
-  return r.peak_bytes / aot.GIB, r.hbm_bytes / aot.GIB, r.pod
+    return e.needed_bytes / aot.GIB
+  return r.peak_bytes / aot.GIB
 
 
 def _largest_that_fits(config, pod: str, sample, data: int, probes: list, hbm: float, guess: int) -> int:
@@ -53,7 +53,7 @@ def _largest_that_fits(config, pod: str, sample, data: int, probes: list, hbm: f
   model misses the compiler changing its layout at some slot count). Every compile is appended to `probes`."""
   lo, bad, count = max(s for s, g in probes if g <= hbm), None, guess
   while True:
-    peak = _peak_gib(config, pod, sample, count)[0]
+    peak = _peak_gib(config, pod, sample, count)
     probes.append((count, peak))
     if peak <= hbm:
       lo = count
@@ -77,14 +77,12 @@ def slots_that_fit(config, pod: str, sample, probe_slots: tuple[int, int] | None
   # jumps (v5e-8, 14B, 512²: 16 slots 11.6 GiB, 17 slots 25.4 GiB)
   data = sizes[0] * sizes[1]
   a, b = probe_slots or (data, 4 * data)
-  first, hbm, name = _peak_gib(config, pod, sample, a)
-  if first > hbm:
-    raise aot.DoesNotFit(f"{pod}: the serving step needs {first:.2f} GiB per chip at {a} slot(s), more than the "
-                         f"{hbm:.2f} GiB usable; use a larger pod or shard the weights further", first * aot.GIB,
-                         hbm * aot.GIB)
+  # the first count must fit: compile_for_pod's DoesNotFit (with its suggestions) is the answer if it does not
+  r = aot.compile_for_pod(config, pod, program="serve", sample=dataclasses.replace(sample, images=a))
+  first, hbm = r.peak_bytes / aot.GIB, r.hbm_bytes / aot.GIB
   probes = [(a, first)]
   for _ in range(GROWTH_TRIES + 1):
-    peak = _peak_gib(config, pod, sample, b)[0]
+    peak = _peak_gib(config, pod, sample, b)
     probes.append((b, peak))
     if peak - first >= MIN_GROWTH * first:
       break
@@ -99,6 +97,6 @@ def slots_that_fit(config, pod: str, sample, probe_slots: tuple[int, int] | None
   if verify and fit > 0 and fit not in dict(probes):
     fit = _largest_that_fits(config, pod, sample, data, probes, hbm, fit)
   res = sample.resolution or int(config.data.resolution)
-  return SlotsFit(pod=name, resolution=res, hbm_gib=hbm, fixed_gib=fixed, per_slot_gib=per_slot, slots=fit,
+  return SlotsFit(pod=r.pod, resolution=res, hbm_gib=hbm, fixed_gib=fixed, per_slot_gib=per_slot, slots=fit,
                   probes=tuple(probes))
 
